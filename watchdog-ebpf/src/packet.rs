@@ -1,0 +1,117 @@
+//! Header parsing: from an Ethernet frame to the SYN's 4-tuple, or `None`.
+//!
+//! Anything unusual — truncated headers, IP fragments, IPv6 extension headers, a TCP data offset
+//! below 5 — yields `None` and the packet goes on untouched: the watchdog acts only on SYNs it
+//! fully understands. Direct packet access keeps the common (non-SYN) path to a few loads.
+use core::mem;
+
+use aya_ebpf::programs::TcContext;
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{IpProto, Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+};
+use watchdog_common::ipv4_mapped;
+
+/// A SYN without ACK, as seen on the server's ingress.
+pub struct Syn {
+    /// Source address, IPv4 as IPv4-mapped IPv6.
+    pub client_addr: [u8; 16],
+    /// Destination address, IPv4 as IPv4-mapped IPv6.
+    pub server_addr: [u8; 16],
+    /// Host byte order.
+    pub client_port: u16,
+    /// Host byte order.
+    pub server_port: u16,
+    /// Raw network-order ports, as `bpf_sock_tuple` wants them.
+    pub ports_be: [u16; 2],
+    pub seq: u32,
+    pub ip_version: u8,
+}
+
+/// IPv4 "more fragments" flag and fragment offset.
+const IPV4_MF_AND_OFFSET: u16 = 0x3fff;
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+#[inline(always)]
+pub fn parse_syn(ctx: &TcContext) -> Option<Syn> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let ether_type = unsafe { (*eth).ether_type };
+    if ether_type == EtherType::Ipv4 as u16 {
+        parse_ipv4(ctx)
+    } else if ether_type == EtherType::Ipv6 as u16 {
+        parse_ipv6(ctx)
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext) -> Option<Syn> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let ip = unsafe { &*ip };
+    if ip.vihl >> 4 != 4 || ip.proto != IpProto::Tcp as u8 {
+        return None;
+    }
+    if u16::from_be_bytes(ip.frags) & IPV4_MF_AND_OFFSET != 0 {
+        return None;
+    }
+    let header_len = usize::from(ip.vihl & 0x0f) * 4;
+    if header_len < Ipv4Hdr::LEN {
+        return None;
+    }
+    let tcp = syn_header(ctx, EthHdr::LEN + header_len)?;
+    Some(Syn {
+        client_addr: ipv4_mapped(ip.src_addr),
+        server_addr: ipv4_mapped(ip.dst_addr),
+        client_port: u16::from_be_bytes(tcp.source),
+        server_port: u16::from_be_bytes(tcp.dest),
+        ports_be: [u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest)],
+        seq: u32::from_be_bytes(tcp.seq),
+        ip_version: 4,
+    })
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext) -> Option<Syn> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let ip = unsafe { &*ip };
+    // Extension headers (including fragments) are left to the kernel.
+    if ip.vcf[0] >> 4 != 6 || ip.next_hdr != IpProto::Tcp as u8 {
+        return None;
+    }
+    let tcp = syn_header(ctx, EthHdr::LEN + Ipv6Hdr::LEN)?;
+    Some(Syn {
+        client_addr: ip.src_addr,
+        server_addr: ip.dst_addr,
+        client_port: u16::from_be_bytes(tcp.source),
+        server_port: u16::from_be_bytes(tcp.dest),
+        ports_be: [u16::from_ne_bytes(tcp.source), u16::from_ne_bytes(tcp.dest)],
+        seq: u32::from_be_bytes(tcp.seq),
+        ip_version: 6,
+    })
+}
+
+/// The TCP header at `offset` if it is a plain SYN (no ACK, no RST) with a sane data offset.
+#[inline(always)]
+fn syn_header(ctx: &TcContext, offset: usize) -> Option<&TcpHdr> {
+    let tcp: *const TcpHdr = ptr_at(ctx, offset)?;
+    // SAFETY: bounds checked by `ptr_at`; the packet outlives this program run.
+    let tcp = unsafe { &*tcp };
+    if tcp.syn() == 0 || tcp.ack() != 0 || tcp.rst() != 0 || tcp.doff() < 5 {
+        return None;
+    }
+    Some(tcp)
+}

@@ -1,0 +1,139 @@
+//! Loading and attaching the eBPF classifier embedded in this binary, and reading its maps.
+//!
+//! Dropping [`Classifier`] detaches it from every interface: TCX links (kernel ≥ 6.6) are owned
+//! by file descriptors, netlink (clsact) filters are removed by aya on drop.
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{SchedClassifier, TcAttachType, tc},
+    util::KernelVersion,
+};
+use ipnet::IpNet;
+use watchdog_common::{Counter, names};
+
+use crate::config::RunConfig;
+
+/// The object `cargo xtask build-ebpf` built, embedded at compile time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WATCHDOG_EBPF_OBJECT"));
+
+pub struct Classifier {
+    ebpf: Ebpf,
+    /// Program id in the kernel, for `bpftool prog show id N`.
+    pub program_id: u32,
+    /// "tcx" or "clsact".
+    pub attach_kind: &'static str,
+}
+
+impl Classifier {
+    /// Loads the program, fills its filter maps from `config` and attaches it to every
+    /// configured interface. On any error, everything attached so far is detached again.
+    pub fn attach(config: &RunConfig) -> Result<Self> {
+        let client_filter: u8 = u8::from(!config.clients.is_empty());
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::CLIENT_FILTER_ENABLED, &client_filter, true)
+            .load(OBJECT)
+            .context(
+                "loading the eBPF classifier failed: the kernel needs BPF \
+                 (CONFIG_BPF_SYSCALL) with BTF, ring buffers (≥ 5.8) and TC BPF",
+            )?;
+
+        let mut ports: HashMap<_, u16, u8> =
+            HashMap::try_from(map(&mut ebpf, names::WATCHED_PORTS)?)?;
+        for port in &config.ports {
+            ports.insert(port, 1, 0).context("filling WATCHED_PORTS")?;
+        }
+        let mut prefixes: LpmTrie<_, [u8; 16], u8> =
+            LpmTrie::try_from(map(&mut ebpf, names::CLIENT_PREFIXES)?)?;
+        for net in &config.clients {
+            let (prefix_len, addr) = mapped_prefix(net);
+            prefixes
+                .insert(&Key::new(prefix_len, addr), 1, 0)
+                .context("filling CLIENT_PREFIXES")?;
+        }
+
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(names::CLASSIFIER)
+            .context("the eBPF object has no classifier program")?
+            .try_into()?;
+        program.load().context(
+            "the kernel's verifier rejected the classifier (run with RUST_LOG=debug for its log)",
+        )?;
+        let program_id = program.info()?.id();
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        for iface in &config.ifaces {
+            if !tcx {
+                // clsact is the hook TC BPF filters hang on before TCX; it may exist already.
+                match tc::qdisc_add_clsact(&iface.name) {
+                    Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("adding clsact to {}", iface.name));
+                    }
+                }
+            }
+            program
+                .attach(&iface.name, TcAttachType::Ingress)
+                .with_context(|| format!("attaching the classifier to {} ingress", iface.name))?;
+        }
+        Ok(Classifier {
+            ebpf,
+            program_id,
+            attach_kind: if tcx { "tcx" } else { "clsact" },
+        })
+    }
+
+    /// Takes the ring buffer of stale SYN events (once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(names::EVENTS)
+            .context("the eBPF object has no EVENTS ring buffer")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// The classifier's counters, summed over CPUs, in [`Counter::ALL`] order.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        let map = self
+            .ebpf
+            .map(names::COUNTERS)
+            .context("the eBPF object has no COUNTERS map")?;
+        let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
+        Counter::ALL
+            .iter()
+            .map(|&counter| {
+                let per_cpu = counters.get(&(counter as u32), 0)?;
+                Ok((counter, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name)
+        .with_context(|| format!("the eBPF object has no {name} map"))
+}
+
+/// A client prefix in the classifier's 128-bit, IPv4-mapped key space.
+fn mapped_prefix(net: &IpNet) -> (u32, [u8; 16]) {
+    match net {
+        IpNet::V4(v4) => (
+            96 + u32::from(v4.prefix_len()),
+            v4.network().to_ipv6_mapped().octets(),
+        ),
+        IpNet::V6(v6) => (u32::from(v6.prefix_len()), v6.network().octets()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_prefixes_map_into_the_ipv6_key_space() {
+        let (len, addr) = mapped_prefix(&"10.1.2.0/24".parse().unwrap());
+        assert_eq!(len, 120);
+        assert_eq!(&addr[10..], &[0xff, 0xff, 10, 1, 2, 0]);
+        let (len, _) = mapped_prefix(&"fd00::/8".parse().unwrap());
+        assert_eq!(len, 8);
+    }
+}

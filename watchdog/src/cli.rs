@@ -1,0 +1,60 @@
+//! Command line. The flag names of `watchdog run` are a stable interface: scripts, the tests and
+//! the README use them.
+use clap::{Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "watchdog",
+    version,
+    about = "Destroys stale TCP sockets when a legacy client reconnects from the same 4-tuple"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach to the server's interfaces and watch for SYNs aimed at stale sockets.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Interface on which clients' packets arrive (repeatable).
+    #[arg(long = "iface", value_name = "IF", required = true)]
+    pub ifaces: Vec<String>,
+
+    /// Local (server) TCP port to watch (repeatable).
+    #[arg(long = "port", value_name = "PORT", required = true, value_parser = parse_port)]
+    pub ports: Vec<u16>,
+
+    /// Only watch clients in this prefix, IPv4 or IPv6 (repeatable; default: any client).
+    #[arg(long = "client", value_name = "CIDR")]
+    pub clients: Vec<IpNet>,
+
+    /// Observe only: report stale sockets, destroy nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, fields at top level (`event`, `message`, …).
+    Json,
+}
+
+fn parse_port(value: &str) -> Result<u16, String> {
+    match value.parse::<u16>() {
+        Ok(0) => Err("port 0 is not a port a server listens on; use 1-65535".into()),
+        Ok(port) => Ok(port),
+        Err(_) => Err(format!("`{value}` is not a TCP port (1-65535)")),
+    }
+}

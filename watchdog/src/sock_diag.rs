@@ -1,0 +1,290 @@
+//! A small sock_diag (NETLINK_SOCK_DIAG) client: look one TCP socket up by its exact tuple and
+//! destroy it with SOCK_DESTROY, as `ss -K` does.
+//!
+//! Destroying is two requests. The first asks for the socket with the exact tuple and returns its
+//! state and its cookie (the kernel's unique id for that socket); the second destroys *that
+//! cookie*. The split matters: the kernel's exact lookup falls back to the listening socket when
+//! no connection owns the tuple any more, and destroying a listener would take the legacy server
+//! down. With the cookie, a socket that vanished in between yields an error instead.
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NetlinkSerializable,
+};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
+    message::SockDiagDestroy,
+};
+use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
+
+/// `INET_DIAG_NOCOOKIE`: match by tuple alone.
+const NO_COOKIE: [u8; 8] = [0xff; 8];
+/// The kernel's `TCP_ESTABLISHED`.
+pub const TCP_ESTABLISHED: u8 = 1;
+/// Offset of `tcpi_last_data_recv` (ms) in `struct tcp_info`, stable kernel ABI.
+const TCPI_LAST_DATA_RECV_OFFSET: usize = 52;
+/// Upper bound on one request/answer exchange, so a kernel hiccup cannot stall the agent.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One TCP socket named by its tuple from the server's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpTuple {
+    /// The local (server) end.
+    pub local: SocketAddr,
+    /// The remote (client) end.
+    pub remote: SocketAddr,
+    /// `AF_INET` or `AF_INET6` of the socket itself; an IPv4 peer of a `[::]` listener lives
+    /// in an `AF_INET6` socket with IPv4-mapped addresses.
+    pub family: u8,
+}
+
+/// What the kernel reports about one socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketInfo {
+    pub cookie: [u8; 8],
+    pub state: u8,
+    /// Time since the socket last received data, if the kernel reported `tcp_info`.
+    pub idle: Option<Duration>,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// The answer to the start-up SOCK_DESTROY probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestroyProbe {
+    Supported,
+    NotCompiledIn,
+    NotPermitted,
+}
+
+pub struct SockDiag {
+    socket: Socket,
+    seq: u32,
+}
+
+impl SockDiag {
+    pub fn open() -> Result<Self> {
+        let mut socket =
+            Socket::new(NETLINK_SOCK_DIAG).context("opening a NETLINK_SOCK_DIAG socket")?;
+        socket.bind_auto().context("binding the sock_diag socket")?;
+        socket
+            .connect(&NetlinkAddr::new(0, 0))
+            .context("connecting the sock_diag socket")?;
+        set_receive_timeout(&socket, REPLY_TIMEOUT).context("setting SO_RCVTIMEO")?;
+        Ok(SockDiag { socket, seq: 0 })
+    }
+
+    /// The socket that owns exactly `tuple`, if any (listeners are returned too: check `state`).
+    pub fn find(&mut self, tuple: &TcpTuple) -> io::Result<Option<SocketInfo>> {
+        let request = SockDiagMessage::InetRequest(inet_request(tuple, NO_COOKIE));
+        let seq = self.send(request, NLM_F_REQUEST)?;
+        loop {
+            let reply = self.receive::<SockDiagMessage>(seq)?;
+            match reply {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                    let idle = response.nlas.iter().find_map(|nla| match nla {
+                        Nla::TcpInfo(bytes) => last_data_recv(bytes),
+                        _ => None,
+                    });
+                    let id = &response.header.socket_id;
+                    return Ok(Some(SocketInfo {
+                        cookie: id.cookie,
+                        state: response.header.state,
+                        idle,
+                        local: SocketAddr::new(id.source_address, id.source_port),
+                        remote: SocketAddr::new(id.destination_address, id.destination_port),
+                    }));
+                }
+                NetlinkPayload::Error(error) if error.raw_code() == -libc::ENOENT => {
+                    return Ok(None);
+                }
+                NetlinkPayload::Error(error) if error.code.is_some() => return Err(error.to_io()),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Destroys the socket with `tuple` and `cookie` (from [`SockDiag::find`]).
+    pub fn destroy(&mut self, tuple: &TcpTuple, cookie: [u8; 8]) -> io::Result<()> {
+        let request =
+            SockDiagDestroy::new(SockDiagMessage::InetRequest(inet_request(tuple, cookie)));
+        let seq = self.send(request, NLM_F_REQUEST | NLM_F_ACK)?;
+        loop {
+            match self.receive::<SockDiagMessage>(seq)? {
+                NetlinkPayload::Error(error) => {
+                    return match error.code {
+                        None => Ok(()),
+                        Some(_) => Err(error.to_io()),
+                    };
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// Asks to destroy a socket that cannot exist (0.0.0.0:0 ↔ 0.0.0.0:0): ENOENT means the
+    /// kernel would have destroyed it.
+    pub fn probe_destroy(&mut self) -> Result<DestroyProbe> {
+        let nothing = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+        let tuple = TcpTuple {
+            local: nothing,
+            remote: nothing,
+            family: AF_INET,
+        };
+        match self.destroy(&tuple, NO_COOKIE) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(DestroyProbe::Supported),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(DestroyProbe::NotCompiledIn),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(DestroyProbe::NotPermitted),
+            Err(e) => Err(e).context("probing SOCK_DESTROY"),
+            Ok(()) => Ok(DestroyProbe::Supported),
+        }
+    }
+
+    fn send<M: NetlinkSerializable>(&mut self, message: M, flags: u16) -> io::Result<u32>
+    where
+        NetlinkPayload<M>: From<M>,
+    {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(message));
+        packet.finalize();
+        let mut buf = vec![0; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        self.socket.send(&buf, 0)?;
+        Ok(self.seq)
+    }
+
+    /// The next message answering `seq`; messages for older requests are skipped.
+    fn receive<M>(&mut self, seq: u32) -> io::Result<NetlinkPayload<M>>
+    where
+        M: NetlinkDeserializable,
+    {
+        loop {
+            let mut buf = vec![0u8; 8192];
+            let len = self.socket.recv(&mut &mut buf[..], 0)?;
+            let mut offset = 0;
+            while offset < len {
+                let message = NetlinkMessage::<M>::deserialize(&buf[offset..len])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let advance = message.header.length as usize;
+                if message.header.sequence_number == seq {
+                    return Ok(message.payload);
+                }
+                if advance == 0 {
+                    break;
+                }
+                offset += advance;
+            }
+        }
+    }
+}
+
+fn inet_request(tuple: &TcpTuple, cookie: [u8; 8]) -> InetRequest {
+    let as_family = |addr: IpAddr| match (tuple.family, addr) {
+        (AF_INET6, IpAddr::V4(v4)) => IpAddr::V6(v4.to_ipv6_mapped()),
+        _ => addr,
+    };
+    InetRequest {
+        family: tuple.family,
+        protocol: IPPROTO_TCP,
+        extensions: ExtensionFlags::INFO,
+        states: StateFlags::all(),
+        socket_id: SocketId {
+            source_port: tuple.local.port(),
+            destination_port: tuple.remote.port(),
+            source_address: as_family(tuple.local.ip()),
+            destination_address: as_family(tuple.remote.ip()),
+            interface_id: 0,
+            cookie,
+        },
+    }
+}
+
+/// Reports IPv4-mapped IPv6 addresses as the IPv4 addresses they are.
+pub fn unmap(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
+}
+
+fn last_data_recv(tcp_info: &[u8]) -> Option<Duration> {
+    let bytes = tcp_info.get(TCPI_LAST_DATA_RECV_OFFSET..TCPI_LAST_DATA_RECV_OFFSET + 4)?;
+    let ms = u32::from_ne_bytes(bytes.try_into().ok()?);
+    Some(Duration::from_millis(u64::from(ms)))
+}
+
+fn set_receive_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: valid fd and a correctly sized `timeval`.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv6Addr;
+
+    #[test]
+    fn ipv4_peer_of_dual_stack_socket_is_asked_for_in_mapped_form() {
+        let tuple = TcpTuple {
+            local: "10.0.0.1:5000".parse().unwrap(),
+            remote: "10.0.0.2:1025".parse().unwrap(),
+            family: AF_INET6,
+        };
+        let request = inet_request(&tuple, NO_COOKIE);
+        assert_eq!(request.family, AF_INET6);
+        assert_eq!(
+            request.socket_id.destination_address,
+            "::ffff:10.0.0.2".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(request.socket_id.source_port, 5000);
+        assert_eq!(request.socket_id.destination_port, 1025);
+    }
+
+    #[test]
+    fn mapped_addresses_unmap_to_ipv4() {
+        let mapped: SocketAddr = "[::ffff:10.0.0.2]:1025".parse().unwrap();
+        assert_eq!(unmap(mapped), "10.0.0.2:1025".parse().unwrap());
+        let v6: SocketAddr = "[fd00::2]:1025".parse().unwrap();
+        assert_eq!(unmap(v6), v6);
+    }
+
+    #[test]
+    fn last_data_recv_reads_the_abi_offset() {
+        let mut info = vec![0u8; 104];
+        info[52..56].copy_from_slice(&1234u32.to_ne_bytes());
+        assert_eq!(last_data_recv(&info), Some(Duration::from_millis(1234)));
+        assert_eq!(last_data_recv(&info[..40]), None);
+    }
+}
