@@ -41,12 +41,11 @@ pub async fn run(config: RunConfig) -> Result<()> {
         unsafe { AsyncFd::register_with_interest(classifier.take_events()?, Interest::READABLE) }
             .map_err(|e| e.into_parts().1)
             .context("polling the ring buffer")?;
-    let iface_names: Vec<&str> = config.ifaces.iter().map(|i| i.name.as_str()).collect();
     info!(
         event = "attached",
-        ifaces = ?iface_names,
-        ports = ?config.ports,
-        clients = ?config.clients.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ifaces = %comma_list(config.ifaces.iter().map(|i| &i.name)),
+        ports = %comma_list(&config.ports),
+        clients = %comma_list(&config.clients),
         mode = %config.mode,
         program_id = classifier.program_id,
         attach = classifier.attach_kind,
@@ -152,6 +151,15 @@ fn log_counters(classifier: &Classifier) {
         }
         Err(e) => warn!(event = "counters_unavailable", error = %e, "could not read counters"),
     }
+}
+
+/// `a,b,c`: list fields stay plain strings in both log formats.
+fn comma_list<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
+    items
+        .into_iter()
+        .map(|item| item.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn micros(d: Duration) -> u64 {

@@ -1,0 +1,356 @@
+//! Runs the real `watchdog run` agent inside the server namespace and reads its JSON log.
+//!
+//! The agent's structured log on stderr is its contract with the tests: one JSON object per line
+//! with at least `event` and `message` (`attached`, `stale_syn`, `destroyed`, `would_destroy`,
+//! `destroy_failed`, `counters`, `detached`). The tests assert on those events, never on text.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::netns::TestNet;
+
+/// How long [`Agent::start`] waits for `attached`.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`Agent::stop`] waits after SIGTERM before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One line of the agent's output.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AgentLine {
+    /// A JSON object from stderr: a log event.
+    Json(Value),
+    /// A stderr line that is not a JSON object (kept for diagnostics).
+    Text(String),
+    /// A stdout line (the agent should not print there; kept for diagnostics).
+    Stdout(String),
+}
+
+impl AgentLine {
+    /// The `event` field of a JSON line.
+    pub fn event(&self) -> Option<&str> {
+        match self {
+            AgentLine::Json(v) => v.get("event").and_then(Value::as_str),
+            AgentLine::Text(_) | AgentLine::Stdout(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for AgentLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentLine::Json(v) => write!(f, "{v}"),
+            AgentLine::Text(t) => write!(f, "{t}"),
+            AgentLine::Stdout(t) => write!(f, "stdout: {t}"),
+        }
+    }
+}
+
+struct Shared {
+    lines: Mutex<Vec<AgentLine>>,
+    changed: Condvar,
+    /// Output streams (stdout, stderr) that reached EOF: the process is gone at 2.
+    closed_streams: AtomicUsize,
+}
+
+impl Shared {
+    fn lines(&self) -> MutexGuard<'_, Vec<AgentLine>> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn exited(&self) -> bool {
+        self.closed_streams.load(Ordering::Acquire) >= 2
+    }
+}
+
+/// A running agent; killed on drop if [`Agent::stop`] was not called.
+pub struct Agent {
+    child: Child,
+    shared: Arc<Shared>,
+    readers: Vec<JoinHandle<()>>,
+    command: String,
+}
+
+/// How the agent ended, with everything it printed.
+#[derive(Debug)]
+pub struct AgentExit {
+    pub status: ExitStatus,
+    pub lines: Vec<AgentLine>,
+}
+
+impl AgentExit {
+    /// The JSON lines whose `event` is `name`.
+    pub fn events(&self, name: &str) -> Vec<Value> {
+        events_named(&self.lines, name)
+    }
+
+    /// The `counters` line logged at exit.
+    pub fn counters(&self) -> Result<Value> {
+        self.events("counters").pop().with_context(|| {
+            format!(
+                "the agent logged no `counters` line:\n{}",
+                render(&self.lines)
+            )
+        })
+    }
+
+    /// A numeric counter from the `counters` line.
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        let counters = self.counters()?;
+        counters
+            .get(name)
+            .and_then(Value::as_u64)
+            .with_context(|| format!("counter `{name}` missing or not a number in {counters}"))
+    }
+
+    /// All output, one line each, for assertion messages.
+    pub fn output(&self) -> String {
+        render(&self.lines)
+    }
+}
+
+impl Agent {
+    /// The agent binary: `$WATCHDOG_BIN`, else `<workspace>/target/debug/watchdog`.
+    pub fn binary() -> PathBuf {
+        match std::env::var_os("WATCHDOG_BIN") {
+            Some(path) => PathBuf::from(path),
+            None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/watchdog"),
+        }
+    }
+
+    /// Starts `watchdog run <args...> --log-format json` in `net`'s server namespace and waits
+    /// until it logs `attached`.
+    pub fn start(net: &TestNet, args: &[&str]) -> Result<Agent> {
+        Agent::start_binary(&Agent::binary(), net, args)
+    }
+
+    /// [`Agent::start`] with an explicit binary.
+    pub fn start_binary(bin: &Path, net: &TestNet, args: &[&str]) -> Result<Agent> {
+        if !bin.is_file() {
+            let shown = bin.canonicalize().unwrap_or_else(|_| bin.to_path_buf());
+            bail!(
+                "agent binary not found at {}: run `cargo xtask test` (it builds the agent and the eBPF object first)",
+                shown.display()
+            );
+        }
+        let bin = bin.to_string_lossy().into_owned();
+        let mut full: Vec<&str> = vec!["netns", "exec", net.server_ns(), &bin, "run"];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&["--log-format", "json"]);
+        let command = format!("ip {}", full.join(" "));
+        let mut child = Command::new("ip")
+            .args(&full)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting `{command}`"))?;
+        let shared = Arc::new(Shared {
+            lines: Mutex::new(Vec::new()),
+            changed: Condvar::new(),
+            closed_streams: AtomicUsize::new(0),
+        });
+        let stderr = child.stderr.take().context("agent stderr")?;
+        let stdout = child.stdout.take().context("agent stdout")?;
+        let mut readers = Vec::new();
+        for (stream, is_stderr) in [
+            (Box::new(stderr) as Box<dyn Read + Send>, true),
+            (Box::new(stdout) as Box<dyn Read + Send>, false),
+        ] {
+            let s = Arc::clone(&shared);
+            readers.push(
+                thread::Builder::new()
+                    .name(
+                        if is_stderr {
+                            "agent-stderr"
+                        } else {
+                            "agent-stdout"
+                        }
+                        .into(),
+                    )
+                    .spawn(move || read_lines(stream, is_stderr, &s))
+                    .context("spawning agent output reader")?,
+            );
+        }
+        let agent = Agent {
+            child,
+            shared,
+            readers,
+            command,
+        };
+        match agent.wait_for_event("attached", ATTACH_TIMEOUT) {
+            Ok(_) => Ok(agent),
+            Err(e) => Err(e.context(format!("agent did not attach: `{}`", agent.command))),
+        }
+    }
+
+    /// The agent's pid (`ip netns exec` execs the agent in place).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the first line whose `event` is `name`.
+    pub fn wait_for_event(&self, name: &str, timeout: Duration) -> Result<Value> {
+        self.wait_for_events(name, 1, timeout)?
+            .into_iter()
+            .next()
+            .context("no event")
+    }
+
+    /// Waits until at least `count` lines with `event` == `name` were logged; returns them all.
+    pub fn wait_for_events(
+        &self,
+        name: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.shared.lines();
+        loop {
+            let found = events_named(&lines, name);
+            if found.len() >= count {
+                return Ok(found);
+            }
+            if self.shared.exited() {
+                bail!(
+                    "the agent exited before logging {count} `{name}` event(s); its output:\n{}",
+                    render(&lines)
+                );
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                bail!(
+                    "the agent logged {} of {count} `{name}` event(s) within {timeout:?}; its output:\n{}",
+                    found.len(),
+                    render(&lines)
+                );
+            }
+            // Short waits: the process may exit without a new line.
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            lines = self
+                .shared
+                .changed
+                .wait_timeout(lines, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// The JSON lines logged so far whose `event` is `name`.
+    pub fn events(&self, name: &str) -> Vec<Value> {
+        events_named(&self.shared.lines(), name)
+    }
+
+    /// Everything printed so far.
+    pub fn lines(&self) -> Vec<AgentLine> {
+        self.shared.lines().clone()
+    }
+
+    /// Everything printed so far, one line each, for assertion messages.
+    pub fn output(&self) -> String {
+        render(&self.shared.lines())
+    }
+
+    /// SIGTERM, then waits up to 5 s for a clean exit. Needing SIGKILL is an error (with the
+    /// output), since a clean detach is part of the agent's contract.
+    pub fn stop(mut self) -> Result<AgentExit> {
+        let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
+        // SAFETY: signalling our own child, which has not been reaped yet.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().context("waiting for the agent")? {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        let Some(status) = status else {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.join_readers();
+            bail!(
+                "the agent did not exit within {STOP_TIMEOUT:?} of SIGTERM and was killed; its output:\n{}",
+                self.output()
+            );
+        };
+        self.join_readers();
+        Ok(AgentExit {
+            status,
+            lines: self.lines(),
+        })
+    }
+
+    /// Waits (briefly) for the output readers to drain the pipes.
+    fn join_readers(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !self.shared.exited() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        if self.shared.exited() {
+            for r in self.readers.drain(..) {
+                let _ = r.join();
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn read_lines(stream: Box<dyn Read + Send>, is_stderr: bool, shared: &Shared) {
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else {
+            break;
+        };
+        let parsed = if is_stderr {
+            match serde_json::from_str::<Value>(&line) {
+                Ok(v) if v.is_object() => AgentLine::Json(v),
+                _ => AgentLine::Text(line),
+            }
+        } else {
+            AgentLine::Stdout(line)
+        };
+        shared.lines().push(parsed);
+        shared.changed.notify_all();
+    }
+    shared.closed_streams.fetch_add(1, Ordering::AcqRel);
+    shared.changed.notify_all();
+}
+
+fn events_named(lines: &[AgentLine], name: &str) -> Vec<Value> {
+    lines
+        .iter()
+        .filter(|l| l.event() == Some(name))
+        .filter_map(|l| match l {
+            AgentLine::Json(v) => Some(v.clone()),
+            AgentLine::Text(_) | AgentLine::Stdout(_) => None,
+        })
+        .collect()
+}
+
+fn render(lines: &[AgentLine]) -> String {
+    if lines.is_empty() {
+        return "  (no output)".into();
+    }
+    lines
+        .iter()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
