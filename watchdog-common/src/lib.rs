@@ -17,9 +17,26 @@ pub mod names {
     pub const CLIENT_PREFIXES: &str = "CLIENT_PREFIXES";
     /// Read-only global `u8`: 1 when `CLIENT_PREFIXES` must match, 0 to accept any client.
     pub const CLIENT_FILTER_ENABLED: &str = "CLIENT_FILTER_ENABLED";
+    /// `Array<u64>` of one: the agent's last heartbeat, `CLOCK_MONOTONIC` ns.
+    pub const HEARTBEAT: &str = "HEARTBEAT";
+    /// `LruHashMap<ReplayKey, u8>`: SYNs the agent is about to re-inject; never held again.
+    pub const REPLAYED: &str = "REPLAYED";
+    /// Read-only global `u8`: 1 when stale SYNs are held for replay (`--mode replay`).
+    pub const HOLD_ENABLED: &str = "HOLD_ENABLED";
     /// The TC classifier program.
     pub const CLASSIFIER: &str = "stale_syn_classifier";
+    /// The XDP program the agent runs with `BPF_F_TEST_XDP_LIVE_FRAMES` to re-inject a held SYN
+    /// as if it had just arrived on its original interface. Never attached.
+    pub const REPLAY_PASS: &str = "replay_pass";
 }
+
+/// The classifier holds SYNs only while the agent's heartbeat is younger than this: if the agent
+/// dies, within this time the watchdog behaves as if it were not installed.
+pub const HEARTBEAT_TIMEOUT_NS: u64 = 500_000_000;
+/// How often the agent refreshes its heartbeat.
+pub const HEARTBEAT_INTERVAL_NS: u64 = 100_000_000;
+/// Largest SYN (Ethernet frame) the classifier holds; larger ones pass untouched.
+pub const MAX_HELD_PACKET: usize = 256;
 
 /// Per-CPU counters kept by the classifier; the agent sums them over CPUs.
 #[repr(u32)]
@@ -36,11 +53,18 @@ pub enum Counter {
     /// SYNs carrying the established connection's own initial sequence number: an old
     /// duplicate of the original SYN, left to the kernel and never reported as stale.
     OldDuplicateSyns = 4,
+    /// Stale SYNs dropped by the classifier and handed to the agent for replay.
+    Held = 5,
+    /// Re-injected SYNs that met the stale socket again (its destroy was refused or failed)
+    /// and went on to the kernel instead of being held a second time.
+    ReplaysPassed = 6,
+    /// Stale SYNs passed instead of held because the agent's heartbeat was stale.
+    HeartbeatStale = 7,
 }
 
 impl Counter {
     /// Number of counters, the size of the `COUNTERS` map.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 8;
     /// All counters in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PacketsSeen,
@@ -48,6 +72,9 @@ impl Counter {
         Counter::StaleSyns,
         Counter::RingbufFull,
         Counter::OldDuplicateSyns,
+        Counter::Held,
+        Counter::ReplaysPassed,
+        Counter::HeartbeatStale,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -58,6 +85,9 @@ impl Counter {
             Counter::StaleSyns => "stale_syns",
             Counter::RingbufFull => "ringbuf_full",
             Counter::OldDuplicateSyns => "old_duplicate_syns",
+            Counter::Held => "held",
+            Counter::ReplaysPassed => "replays_passed",
+            Counter::HeartbeatStale => "heartbeat_stale",
         }
     }
 }
@@ -66,6 +96,8 @@ impl Counter {
 pub mod classifier_action {
     /// The SYN went on to the kernel unchanged (the kernel answers it with a challenge ACK).
     pub const PASSED: u8 = 0;
+    /// The SYN was dropped; its bytes are in the event and the agent must re-inject them.
+    pub const HELD: u8 = 1;
 }
 
 /// Address families as the kernel numbers them (`AF_INET`, `AF_INET6`).
@@ -110,7 +142,12 @@ pub struct StaleSynEvent {
     pub stale_family: u8,
     /// One of [`classifier_action`].
     pub classifier_action: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// Bytes of `packet` in use (the whole Ethernet frame) when the SYN was held, else 0.
+    pub packet_len: u16,
+    pub _pad2: [u8; 2],
+    /// The held SYN, from its Ethernet header on.
+    pub packet: [u8; MAX_HELD_PACKET],
 }
 
 impl StaleSynEvent {
@@ -130,8 +167,33 @@ impl StaleSynEvent {
         ip_version: 0,
         stale_family: 0,
         classifier_action: 0,
-        _pad: [0; 5],
+        _pad: 0,
+        packet_len: 0,
+        _pad2: [0; 2],
+        packet: [0; MAX_HELD_PACKET],
     };
+
+    /// The key under which the agent announces the replay of this SYN.
+    pub const fn replay_key(&self) -> ReplayKey {
+        ReplayKey {
+            client_addr: self.client_addr,
+            server_addr: self.server_addr,
+            client_port: self.client_port,
+            server_port: self.server_port,
+            syn_seq: self.syn_seq,
+        }
+    }
+}
+
+/// Identifies one SYN: its 4-tuple (addresses as in [`StaleSynEvent`]) and sequence number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReplayKey {
+    pub client_addr: [u8; 16],
+    pub server_addr: [u8; 16],
+    pub client_port: u16,
+    pub server_port: u16,
+    pub syn_seq: u32,
 }
 
 /// The classifier's view of an IPv4 address in the 16-byte layout: `::ffff:a.b.c.d`.
@@ -142,10 +204,12 @@ pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
 }
 
 // Layout checks: a change here must be a deliberate change on both sides.
-const _: () = assert!(core::mem::size_of::<StaleSynEvent>() == 80);
+const _: () = assert!(core::mem::size_of::<StaleSynEvent>() == 80 + MAX_HELD_PACKET);
+const _: () = assert!(core::mem::size_of::<ReplayKey>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `repr(C)` data without padding holes or invalid bit patterns.
     unsafe impl aya::Pod for super::StaleSynEvent {}
+    unsafe impl aya::Pod for super::ReplayKey {}
 }

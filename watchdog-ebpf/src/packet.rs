@@ -11,7 +11,7 @@ use network_types::{
     ip::{IpProto, Ipv4Hdr, Ipv6Hdr},
     tcp::TcpHdr,
 };
-use watchdog_common::ipv4_mapped;
+use watchdog_common::{ReplayKey, ipv4_mapped};
 
 /// A SYN without ACK, as seen on the server's ingress.
 pub struct Syn {
@@ -27,6 +27,20 @@ pub struct Syn {
     pub ports_be: [u16; 2],
     pub seq: u32,
     pub ip_version: u8,
+}
+
+impl Syn {
+    /// This SYN's identity in the `REPLAYED` map.
+    #[inline(always)]
+    pub fn replay_key(&self) -> ReplayKey {
+        ReplayKey {
+            client_addr: self.client_addr,
+            server_addr: self.server_addr,
+            client_port: self.client_port,
+            server_port: self.server_port,
+            syn_seq: self.seq,
+        }
+    }
 }
 
 /// IPv4 "more fragments" flag and fragment offset.

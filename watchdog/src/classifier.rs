@@ -2,23 +2,29 @@
 //!
 //! Dropping [`Classifier`] detaches it from every interface: TCX links (kernel ≥ 6.6) are owned
 //! by file descriptors, netlink (clsact) filters are removed by aya on drop.
+use anyhow::bail;
 use anyhow::{Context, Result};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{SchedClassifier, TcAttachType, tc},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{SchedClassifier, TcAttachType, Xdp, tc},
     util::KernelVersion,
 };
 use ipnet::IpNet;
-use watchdog_common::{Counter, names};
+use watchdog_common::{Counter, ReplayKey, names};
 
-use crate::config::RunConfig;
+use crate::config::{Interface, Mode, RunConfig};
+
+/// The classifier's name as the kernel keeps it (`BPF_OBJ_NAME_LEN` is 16 with the NUL).
+const KERNEL_PROGRAM_NAME: &str = "stale_syn_class";
 
 /// The object `cargo xtask build-ebpf` built, embedded at compile time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WATCHDOG_EBPF_OBJECT"));
 
 pub struct Classifier {
     ebpf: Ebpf,
+    heartbeat: Array<MapData, u64>,
+    replayed: HashMap<MapData, ReplayKey, u8>,
     /// Program id in the kernel, for `bpftool prog show id N`.
     pub program_id: u32,
     /// "tcx" or "clsact".
@@ -30,8 +36,10 @@ impl Classifier {
     /// configured interface. On any error, everything attached so far is detached again.
     pub fn attach(config: &RunConfig) -> Result<Self> {
         let client_filter: u8 = u8::from(!config.clients.is_empty());
+        let hold: u8 = u8::from(config.mode == Mode::Replay);
         let mut ebpf = EbpfLoader::new()
             .override_global(names::CLIENT_FILTER_ENABLED, &client_filter, true)
+            .override_global(names::HOLD_ENABLED, &hold, true)
             .load(OBJECT)
             .context(
                 "loading the eBPF classifier failed: the kernel needs BPF \
@@ -52,6 +60,12 @@ impl Classifier {
                 .context("filling CLIENT_PREFIXES")?;
         }
 
+        let replay: &mut Xdp = ebpf
+            .program_mut(names::REPLAY_PASS)
+            .context("the eBPF object has no replay program")?
+            .try_into()?;
+        replay.load().context("loading the XDP replay program")?;
+
         let program: &mut SchedClassifier = ebpf
             .program_mut(names::CLASSIFIER)
             .context("the eBPF object has no classifier program")?
@@ -62,24 +76,52 @@ impl Classifier {
         let program_id = program.info()?.id();
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         for iface in &config.ifaces {
-            if !tcx {
-                // clsact is the hook TC BPF filters hang on before TCX; it may exist already.
-                match tc::qdisc_add_clsact(&iface.name) {
-                    Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
-                    Err(e) => {
-                        return Err(e).with_context(|| format!("adding clsact to {}", iface.name));
-                    }
-                }
+            if tcx {
+                refuse_second_agent(iface)?;
+            } else {
+                prepare_clsact(iface)?;
             }
             program
                 .attach(&iface.name, TcAttachType::Ingress)
                 .with_context(|| format!("attaching the classifier to {} ingress", iface.name))?;
         }
+        let heartbeat = Array::try_from(
+            ebpf.take_map(names::HEARTBEAT)
+                .context("the eBPF object has no HEARTBEAT map")?,
+        )?;
+        let replayed = HashMap::try_from(
+            ebpf.take_map(names::REPLAYED)
+                .context("the eBPF object has no REPLAYED map")?,
+        )?;
         Ok(Classifier {
             ebpf,
+            heartbeat,
+            replayed,
             program_id,
             attach_kind: if tcx { "tcx" } else { "clsact" },
         })
+    }
+
+    /// Tells the classifier the agent is alive as of `now_ns` (`CLOCK_MONOTONIC`); 0 stops
+    /// holding at once.
+    pub fn beat(&mut self, now_ns: u64) -> Result<()> {
+        self.heartbeat
+            .set(0, now_ns, 0)
+            .context("writing the heartbeat")
+    }
+
+    /// Announces that the agent re-injects this SYN: the classifier lets it through once.
+    pub fn announce_replay(&mut self, key: &ReplayKey) -> Result<()> {
+        self.replayed.insert(key, 1, 0).context("writing REPLAYED")
+    }
+
+    /// The XDP program that passes re-injected frames.
+    pub fn replay_program(&self) -> Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program(names::REPLAY_PASS)
+            .context("the eBPF object has no replay program")?
+            .try_into()?)
     }
 
     /// Takes the ring buffer of stale SYN events (once).
@@ -106,6 +148,34 @@ impl Classifier {
             })
             .collect()
     }
+}
+
+/// Two agents on one interface would both hold and replay every stale SYN.
+fn refuse_second_agent(iface: &Interface) -> Result<()> {
+    let (_, attached) = SchedClassifier::query_tcx(&iface.name, TcAttachType::Ingress)
+        .with_context(|| format!("listing TCX programs on {}", iface.name))?;
+    if let Some(other) = attached
+        .iter()
+        .find(|p| p.name_as_str() == Some(KERNEL_PROGRAM_NAME))
+    {
+        bail!(
+            "another watchdog agent is attached to {} (program id {}): stop it first",
+            iface.name,
+            other.id()
+        );
+    }
+    Ok(())
+}
+
+/// Before TCX, filters hang on a `clsact` qdisc and outlive a killed agent; ours are removed
+/// so that a restart takes over instead of attaching twice.
+fn prepare_clsact(iface: &Interface) -> Result<()> {
+    match tc::qdisc_add_clsact(&iface.name) {
+        Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
+        Err(e) => return Err(e).with_context(|| format!("adding clsact to {}", iface.name)),
+    }
+    let _ = tc::qdisc_detach_program(&iface.name, TcAttachType::Ingress, names::CLASSIFIER);
+    Ok(())
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {

@@ -3,6 +3,8 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
+use crate::config::Mode;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "watchdog",
@@ -34,8 +36,12 @@ pub struct RunArgs {
     #[arg(long = "client", value_name = "CIDR")]
     pub clients: Vec<IpNet>,
 
-    /// Observe only: report stale sockets, destroy nothing.
-    #[arg(long)]
+    /// What to do with a stale socket [default: replay].
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+
+    /// Observe only: report stale sockets, destroy nothing (same as `--mode observe`).
+    #[arg(long, conflicts_with = "mode")]
     pub dry_run: bool,
 
     /// Log line format on stderr.

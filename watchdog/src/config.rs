@@ -8,12 +8,14 @@ use ipnet::IpNet;
 use crate::cli::RunArgs;
 
 /// What the agent does with a stale socket once its guards allow it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
     /// Report only (`--dry-run`).
     Observe,
     /// Destroy the stale socket; the client's next SYN retransmission connects.
     Destroy,
+    /// Hold the stale SYN, destroy the socket, re-inject the SYN: the client connects at once.
+    Replay,
 }
 
 impl fmt::Display for Mode {
@@ -21,6 +23,7 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Mode::Observe => "observe",
             Mode::Destroy => "destroy",
+            Mode::Replay => "replay",
         })
     }
 }
@@ -57,10 +60,10 @@ impl RunConfig {
             ifaces,
             ports,
             clients: args.clients.iter().map(IpNet::trunc).collect(),
-            mode: if args.dry_run {
-                Mode::Observe
-            } else {
-                Mode::Destroy
+            mode: match (args.dry_run, args.mode) {
+                (true, _) => Mode::Observe,
+                (false, Some(mode)) => mode,
+                (false, None) => Mode::Replay,
             },
         })
     }

@@ -6,7 +6,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use watchdog_common::StaleSynEvent;
+use watchdog_common::{StaleSynEvent, classifier_action};
 
 use crate::sock_diag::TcpTuple;
 
@@ -56,6 +56,13 @@ impl StaleSyn {
             remote: self.client,
             family: self.raw.stale_family,
         }
+    }
+
+    /// The SYN's Ethernet frame when the classifier held it for replay.
+    pub fn held_frame(&self) -> Option<&[u8]> {
+        (self.raw.classifier_action == classifier_action::HELD)
+            .then(|| self.raw.packet.get(..usize::from(self.raw.packet_len)))
+            .flatten()
     }
 
     /// From the SYN reaching the classifier to the agent reading its event.

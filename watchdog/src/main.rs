@@ -2,7 +2,8 @@
 //!
 //! The data path, one module each:
 //! packet → classifier (`watchdog-ebpf`, loaded by [`classifier`]) → ring buffer ([`events`])
-//! → decision ([`guard`]) → action ([`action`], through [`sock_diag`]) → log ([`agent`]).
+//! → decision ([`guard`]) → action ([`action`] through [`sock_diag`]; [`inject`] for held
+//! SYNs) → log ([`agent`]).
 mod action;
 mod agent;
 mod classifier;
@@ -10,6 +11,7 @@ mod cli;
 mod config;
 mod events;
 mod guard;
+mod inject;
 mod logging;
 mod preflight;
 mod sock_diag;
