@@ -169,6 +169,8 @@ pub struct DumbClient {
 /// What one reconnect attempt achieved before its deadline.
 #[derive(Debug)]
 pub struct ReconnectOutcome {
+    /// When `connect()` sent the first SYN.
+    pub started: Instant,
     /// The handshake completed before the deadline.
     pub connected: bool,
     /// From `connect()` to connected, or to the deadline (or to a hard error).
@@ -273,6 +275,7 @@ impl DumbClient {
             .unwrap_or(0);
         if !writable {
             return Ok(ReconnectOutcome {
+                started: start,
                 connected: false,
                 elapsed,
                 syn_retransmits,
@@ -282,6 +285,7 @@ impl DumbClient {
         }
         match socket.take_error().context("SO_ERROR")? {
             Some(e) => Ok(ReconnectOutcome {
+                started: start,
                 connected: false,
                 elapsed,
                 syn_retransmits,
@@ -293,6 +297,7 @@ impl DumbClient {
                     .set_nonblocking(false)
                     .context("clearing O_NONBLOCK")?;
                 Ok(ReconnectOutcome {
+                    started: start,
                     connected: true,
                     elapsed,
                     syn_retransmits,

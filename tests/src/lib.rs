@@ -3,8 +3,9 @@
 //! Recreates the seed's failure for real, on this kernel: a server namespace and a client
 //! namespace joined by veth ([`netns`]), a server that only reads ([`legacy_server`]), a client
 //! that always uses port 1025 and dies without a FIN or RST ([`dumb_client`]), frame capture and
-//! replay for old duplicate SYNs ([`raw`]), and the real agent binary ([`agent`]). Everything
-//! needs root ([`privilege`]). Used by `tests/e2e.rs` and by `cargo xtask demo`.
+//! replay for old duplicate SYNs ([`raw`]), the real agent binary ([`agent`]), and the seed's
+//! steps ([`scenario`]). Everything needs root ([`privilege`]). Used by `tests/e2e.rs`,
+//! `tests/cli_errors.rs` and by `cargo xtask demo` (`src/bin/demo.rs`).
 
 pub mod agent;
 pub mod dumb_client;
@@ -12,13 +13,15 @@ pub mod legacy_server;
 pub mod netns;
 pub mod privilege;
 pub mod raw;
+pub mod scenario;
 
 pub use agent::{Agent, AgentExit, AgentLine};
 pub use dumb_client::{Connection, DumbClient, ReconnectOutcome, connect_healthy};
 pub use legacy_server::{Accepted, Bind, CloseHow, Closed, LegacyServer, ServerEvent};
-pub use netns::{Family, TestNet, ns_exec, run_in_ns};
-pub use privilege::require_root;
+pub use netns::{Family, TestNet, ns_exec, run_in_ns, tcp_ext_counters};
+pub use privilege::{is_root, require_root};
 pub use raw::{CapturedFrame, SynCapture, SynInfo, parse_syn, send_frame};
+pub use scenario::{Crash, GREETING, establish_and_crash, establish_and_crash_after};
 
 /// The errno a reader sees when its socket was destroyed with `SOCK_DESTROY` (`tcp_abort`).
 pub const ECONNABORTED: i32 = libc::ECONNABORTED;

@@ -4,6 +4,7 @@
 //! between two stacks. Namespaces give every test its own addresses, ports, firewall and sockets,
 //! so tests run in parallel and never touch the host's network.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -250,6 +251,26 @@ pub fn current_ifindex(name: &str) -> Result<u32> {
             .with_context(|| format!("no interface {name} in this namespace"));
     }
     Ok(index)
+}
+
+/// The `TcpExt` counters of namespace `ns` (`/proc/net/netstat`, what `nstat` shows as
+/// `TcpExt<Name>`), e.g. `TCPChallengeACK`.
+pub fn tcp_ext_counters(ns: &str) -> Result<HashMap<String, u64>> {
+    // /proc/thread-self/net follows this thread's namespace; /proc/self/net the main thread's.
+    let text = run_in_ns(ns, || {
+        std::fs::read_to_string("/proc/thread-self/net/netstat")
+            .context("reading /proc/thread-self/net/netstat")
+    })?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        bail!("no TcpExt lines in /proc/net/netstat of {ns}");
+    };
+    Ok(names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .filter_map(|(name, value)| Some((name.to_owned(), value.parse().ok()?)))
+        .collect())
 }
 
 /// Runs `cmd args...` inside `ns` with `ip netns exec` and returns its stdout.

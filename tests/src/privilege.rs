@@ -6,8 +6,7 @@
 /// True when the tests can run (euid 0). Otherwise panics under `CI=true`/`CI=1`, or prints a
 /// skip message and returns false.
 pub fn require_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    if is_root() {
         return true;
     }
     let ci = std::env::var("CI").unwrap_or_default();
@@ -19,4 +18,10 @@ pub fn require_root() -> bool {
          run it as root, e.g. `sudo -E cargo test -p watchdog-tests`"
     );
     false
+}
+
+/// Whether the process runs as root (euid 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }

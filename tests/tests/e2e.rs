@@ -12,35 +12,30 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use watchdog_tests::{
-    Accepted, Agent, AgentExit, AgentLine, Bind, CloseHow, Connection, DumbClient, ECONNABORTED,
-    Family, LegacyServer, SynCapture, TestNet, connect_healthy, ns_exec, parse_syn, require_root,
-    send_frame,
+    Agent, AgentExit, AgentLine, Bind, CloseHow, Connection, DumbClient, ECONNABORTED, Family,
+    GREETING, LegacyServer, SynCapture, TestNet, connect_healthy, establish_and_crash, ns_exec,
+    parse_syn, require_root, scenario, send_frame,
 };
 
 /// The port the agent watches.
-const WATCHED: u16 = 5000;
+const WATCHED: u16 = scenario::SERVER_PORT;
 /// A port with the same legacy service, which the agent must leave alone.
 const UNWATCHED: u16 = 5001;
 /// The DOS box's fixed source port.
-const FIXED: u16 = 1025;
-/// What the client sends before it crashes.
-const GREETING: &[u8] = b"telescope status: tracking\n";
+const FIXED: u16 = scenario::FIXED_PORT;
 const SHORT: Duration = Duration::from_secs(2);
 
-/// Connects the dumb client, sends [`GREETING`], waits until the server has read it, then
-/// crashes the client. Returns the server's now stale connection.
-fn establish_and_crash(server: &LegacyServer, client: &DumbClient) -> Result<Accepted> {
-    let mut conn = client.connect(SHORT)?;
-    conn.send(GREETING)?;
-    let peer = client.local_addr();
-    let stale = server.wait_accepted(|a| a.peer == peer, SHORT)?;
-    server.wait_bytes(stale.id, GREETING.len() as u64, SHORT)?;
-    conn.crash()?;
-    Ok(stale)
+/// `--iface <server veth> --port <port> --mode destroy`: these tests are about detecting and
+/// destroying the stale socket, so the client reconnects on its own SYN retransmission.
+/// Holding and replaying the SYN (the default mode) is tested in `replay.rs`.
+fn watch_args(net: &TestNet, port: &str) -> Vec<String> {
+    let mut args = scope_args(net, port);
+    args.extend(["--mode".into(), "destroy".into()]);
+    args
 }
 
 /// `--iface <server veth> --port <port>`
-fn watch_args(net: &TestNet, port: &str) -> Vec<String> {
+fn scope_args(net: &TestNet, port: &str) -> Vec<String> {
     vec![
         "--iface".into(),
         net.server_iface().into(),
@@ -475,7 +470,7 @@ fn dry_run_reports_and_destroys_nothing() -> Result<()> {
     let server = LegacyServer::start(&net, Bind::V4, WATCHED)?;
     let server_addr = net.server_addr(Family::V4, WATCHED);
     let client = DumbClient::new(&net, server_addr, FIXED)?;
-    let mut args = watch_args(&net, "5000");
+    let mut args = scope_args(&net, "5000");
     args.push("--dry-run".into());
     let agent = start_agent(&net, &args)?;
 
@@ -496,6 +491,81 @@ fn dry_run_reports_and_destroys_nothing() -> Result<()> {
     );
     let exit = stop_agent(agent)?;
     ensure!(exit.events("destroyed").is_empty(), "{}", exit.output());
+    Ok(())
+}
+
+/// `--client` decides whom the agent protects: with a prefix that excludes the client, its stale
+/// socket is left alone (the classifier does not even look the SYN up); with the client's /32,
+/// the same stale socket is destroyed as usual.
+#[test]
+fn client_prefix_filter_limits_the_watchdog_to_listed_clients() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let net = TestNet::new("prefix")?;
+    let server = LegacyServer::start(&net, Bind::V4, WATCHED)?;
+    let server_addr = net.server_addr(Family::V4, WATCHED);
+    let client = DumbClient::new(&net, server_addr, FIXED)?;
+    let stale = establish_and_crash(&server, &client)?;
+    let with_client = |prefix: &str| {
+        let mut args = watch_args(&net, "5000");
+        args.extend(["--client".into(), prefix.into()]);
+        args
+    };
+
+    // A prefix that excludes the client (TEST-NET-1): the watchdog is not there for it.
+    let agent = start_agent(&net, &with_client("192.0.2.0/24"))?;
+    let out = client.reconnect(Duration::from_millis(2500))?;
+    ensure!(
+        !out.connected,
+        "the client outside --client 192.0.2.0/24 got in:\n{}",
+        agent.output()
+    );
+    ensure!(
+        server.is_open(stale.id) && server.closed().is_empty(),
+        "the stale socket of a client outside the prefix was touched: {:?}",
+        server.events()
+    );
+    let exit = stop_agent(agent)?;
+    for event in ["stale_syn", "would_destroy", "destroyed"] {
+        ensure!(exit.events(event).is_empty(), "{event}:\n{}", exit.output());
+    }
+    ensure!(
+        exit.counter("packets_seen")? > 0,
+        "the classifier saw no packets at all:\n{}",
+        exit.output()
+    );
+    ensure!(
+        exit.counter("syns_checked")? == 0,
+        "the classifier looked up SYNs of a client outside the prefix:\n{}",
+        exit.output()
+    );
+
+    // The client's own /32: the same stale socket goes, the client gets in.
+    let own = format!("{}/32", net.client_v4());
+    let agent = start_agent(&net, &with_client(&own))?;
+    let attached = agent.events("attached").remove(0);
+    ensure!(
+        mentions(&attached, "clients", &own),
+        "attached does not name {own}: {attached}"
+    );
+    let out = client.reconnect(Duration::from_secs(5))?;
+    ensure!(
+        out.connected,
+        "the client inside --client {own} did not reconnect within 5 s:\n{}",
+        agent.output()
+    );
+    let closed = server.wait_closed_id(stale.id, SHORT)?;
+    ensure!(
+        closed.how == CloseHow::Error(ECONNABORTED),
+        "{:?}",
+        closed.how
+    );
+    let exit = stop_agent(agent)?;
+    let destroyed = exit.events("destroyed");
+    ensure!(destroyed.len() == 1, "{}", exit.output());
+    assert_tuple(&destroyed[0], client.local_addr(), server_addr)?;
+    ensure!(exit.counter("syns_checked")? >= 1, "{}", exit.output());
     Ok(())
 }
 

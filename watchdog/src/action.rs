@@ -1,51 +1,61 @@
-//! Actions on a stale socket. Today one: destroy it through sock_diag.
+//! Actions on a stale socket: look it up, then destroy it through sock_diag.
+//!
+//! The look-up and the destroy are separate so that the guards can judge the socket the kernel
+//! reports (its idle time, for one) between the two.
 use std::{io, time::Duration, time::Instant};
 
 use crate::{
     events::StaleSyn,
-    sock_diag::{SockDiag, TCP_ESTABLISHED, unmap},
+    sock_diag::{SockDiag, SocketInfo, TCP_ESTABLISHED, unmap},
 };
+
+/// Why there is nothing to act on.
+#[derive(Debug)]
+pub enum NotFound {
+    /// The socket closed or changed state after the SYN was seen.
+    Gone(String),
+    /// The kernel could not answer.
+    Failed(io::Error),
+}
+
+/// The ESTABLISHED socket that owns the stale SYN's tuple, as the kernel reports it now.
+pub fn find_stale(diag: &mut SockDiag, syn: &StaleSyn) -> Result<SocketInfo, NotFound> {
+    let info = match diag.find(&syn.stale_tuple()) {
+        Ok(Some(info)) => info,
+        Ok(None) => return Err(NotFound::Gone("no socket owns the tuple".into())),
+        Err(e) => return Err(NotFound::Failed(e)),
+    };
+    if info.state != TCP_ESTABLISHED {
+        return Err(NotFound::Gone(format!(
+            "the tuple's socket is in TCP state {}, not ESTABLISHED",
+            info.state
+        )));
+    }
+    if unmap(info.remote) != syn.client || unmap(info.local) != syn.server {
+        return Err(NotFound::Gone(format!(
+            "the kernel returned another socket ({} ↔ {})",
+            info.local, info.remote
+        )));
+    }
+    Ok(info)
+}
 
 #[derive(Debug)]
 pub enum DestroyOutcome {
     /// The stale socket is gone; the server's blocked `recv()` returns ECONNABORTED.
-    Destroyed {
-        /// How long the stale socket had received no data, as the kernel reported it.
-        idle: Option<Duration>,
-        /// Both sock_diag round trips (look-up and destroy).
-        took: Duration,
-    },
-    /// Nothing to destroy any more: the socket closed or changed state after the SYN was seen.
+    Destroyed { took: Duration },
+    /// It vanished between the look-up and the destroy.
     AlreadyGone(String),
     /// The kernel refused or failed.
     Failed(io::Error),
 }
 
-/// Destroys the ESTABLISHED socket that owns the stale SYN's tuple, and nothing else: the
-/// socket is looked up first and destroyed by its cookie only if it is still that connection.
-pub fn destroy_stale(diag: &mut SockDiag, syn: &StaleSyn) -> DestroyOutcome {
+/// Destroys exactly the socket `info` describes, by its cookie: a socket that closed meanwhile
+/// is not confused with the listener the kernel's tuple lookup would fall back to.
+pub fn destroy(diag: &mut SockDiag, syn: &StaleSyn, info: &SocketInfo) -> DestroyOutcome {
     let started = Instant::now();
-    let tuple = syn.stale_tuple();
-    let info = match diag.find(&tuple) {
-        Ok(Some(info)) => info,
-        Ok(None) => return DestroyOutcome::AlreadyGone("no socket owns the tuple".into()),
-        Err(e) => return DestroyOutcome::Failed(e),
-    };
-    if info.state != TCP_ESTABLISHED {
-        return DestroyOutcome::AlreadyGone(format!(
-            "the tuple's socket is in TCP state {}, not ESTABLISHED",
-            info.state
-        ));
-    }
-    if unmap(info.remote) != syn.client || unmap(info.local) != syn.server {
-        return DestroyOutcome::AlreadyGone(format!(
-            "the kernel returned another socket ({} ↔ {})",
-            info.local, info.remote
-        ));
-    }
-    match diag.destroy(&tuple, info.cookie) {
+    match diag.destroy(&syn.stale_tuple(), info.cookie) {
         Ok(()) => DestroyOutcome::Destroyed {
-            idle: info.idle,
             took: started.elapsed(),
         },
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESTALE)) => {

@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 use watchdog_common::{Counter, HEARTBEAT_INTERVAL_NS};
 
 use crate::{
-    action::{self, DestroyOutcome},
+    action::{self, DestroyOutcome, NotFound},
     classifier::Classifier,
     config::{Mode, RunConfig},
     events::{StaleSyn, monotonic_ns},
@@ -136,33 +136,57 @@ impl Agent {
             event_latency_us = micros(syn.event_latency()),
             "SYN for a tuple that an ESTABLISHED socket owns"
         );
-        let destroyed = match guard::decide(&self.config, syn) {
-            Decision::Refuse(reason) => {
-                info!(
-                    event = "would_destroy",
-                    client = %syn.client,
-                    server = %syn.server,
-                    reason,
-                    "stale socket left in place"
-                );
-                false
-            }
-            Decision::Destroy => self.destroy(syn),
-        };
+        let destroyed = self.judge_and_destroy(syn);
         if let Some(frame) = syn.held_frame() {
             self.replay(syn, frame, destroyed);
         }
     }
 
+    /// Looks the stale socket up, lets the guards judge it and destroys it if they allow.
     /// Returns whether the stale socket is gone for sure.
-    fn destroy(&mut self, syn: &StaleSyn) -> bool {
-        match action::destroy_stale(&mut self.diag, syn) {
-            DestroyOutcome::Destroyed { idle, took } => {
+    fn judge_and_destroy(&mut self, syn: &StaleSyn) -> bool {
+        let socket = match action::find_stale(&mut self.diag, syn) {
+            Ok(socket) => socket,
+            Err(NotFound::Gone(reason)) => {
+                info!(
+                    event = "already_gone",
+                    client = %syn.client,
+                    server = %syn.server,
+                    reason,
+                    "nothing to destroy"
+                );
+                return false;
+            }
+            Err(NotFound::Failed(error)) => {
+                warn!(
+                    event = "destroy_failed",
+                    client = %syn.client,
+                    server = %syn.server,
+                    error = %error,
+                    "could not look the stale socket up"
+                );
+                return false;
+            }
+        };
+        let idle_ms = socket.idle.map(|d| d.as_millis() as u64);
+        if let Decision::Refuse(reason) = guard::decide(&self.config, syn, &socket) {
+            info!(
+                event = "would_destroy",
+                client = %syn.client,
+                server = %syn.server,
+                idle_ms,
+                reason,
+                "stale socket left in place"
+            );
+            return false;
+        }
+        match action::destroy(&mut self.diag, syn, &socket) {
+            DestroyOutcome::Destroyed { took } => {
                 info!(
                     event = "destroyed",
                     client = %syn.client,
                     server = %syn.server,
-                    idle_ms = idle.map(|d| d.as_millis() as u64),
+                    idle_ms,
                     destroy_us = micros(took),
                     total_us = micros(since_seen(syn)),
                     "destroyed the stale socket"
@@ -235,6 +259,7 @@ impl Agent {
             ports = %comma_list(&config.ports),
             clients = %comma_list(&config.clients),
             mode = %config.mode,
+            min_idle_ms = config.min_idle.as_millis() as u64,
             replay = self.injector.as_ref().map(Injector::method),
             program_id = self.classifier.program_id,
             attach = self.classifier.attach_kind,

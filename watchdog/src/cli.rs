@@ -44,6 +44,11 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "mode")]
     pub dry_run: bool,
 
+    /// Idle guard: destroy a stale socket only if it received no data for at least this long
+    /// (e.g. `2s`, `500ms`; default: off).
+    #[arg(long, value_name = "DURATION")]
+    pub min_idle: Option<humantime::Duration>,
+
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

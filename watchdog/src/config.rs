@@ -1,6 +1,6 @@
 //! The validated run configuration: what `watchdog run` was asked to do, checked before anything
 //! touches the kernel, so a bad flag never leaves a half-attached watchdog behind.
-use std::{collections::BTreeSet, ffi::CString, fmt};
+use std::{collections::BTreeSet, ffi::CString, fmt, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use ipnet::IpNet;
@@ -41,6 +41,8 @@ pub struct RunConfig {
     pub ports: BTreeSet<u16>,
     pub clients: Vec<IpNet>,
     pub mode: Mode,
+    /// Idle guard: destroy only sockets that received nothing for at least this long.
+    pub min_idle: Duration,
 }
 
 impl RunConfig {
@@ -65,6 +67,7 @@ impl RunConfig {
                 (false, Some(mode)) => mode,
                 (false, None) => Mode::Replay,
             },
+            min_idle: args.min_idle.map_or(Duration::ZERO, Into::into),
         })
     }
 }

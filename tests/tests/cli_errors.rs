@@ -1,0 +1,301 @@
+//! Start-up errors: every refusal says what is wrong, exits non-zero and attaches nothing.
+//!
+//! The agent runs in a test net's server namespace, like in production next to the server. The
+//! check "nothing attached" asks the kernel which programs hang on the server veth's TCX ingress
+//! hook (and whether a `clsact` qdisc appeared, the pre-TCX hook); the test of a successful run
+//! shows that the same check sees the agent's program while it runs.
+
+use std::io::Read;
+use std::process::{Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use aya::programs::{SchedClassifier, TcAttachType};
+use serde_json::Value;
+use watchdog_tests::{Agent, TestNet, ns_exec, require_root, run_in_ns};
+
+/// How long a refused start may take before the test calls it a hang.
+const REFUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a refused start ended.
+#[derive(Debug)]
+struct Refusal {
+    status: ExitStatus,
+    stderr: String,
+}
+
+/// Runs `ip netns exec <server ns> [wrapper...] <agent> run <args...>` and waits for it to end.
+/// The agent must not keep running: a start that should be refused but is not is killed and
+/// reported as an error.
+fn run_refused(net: &TestNet, wrapper: &[&str], args: &[&str]) -> Result<Refusal> {
+    let bin = Agent::binary();
+    ensure!(
+        bin.is_file(),
+        "agent binary not found at {}: run `cargo xtask test`",
+        bin.display()
+    );
+    let bin = bin.to_string_lossy().into_owned();
+    let mut full: Vec<&str> = vec!["netns", "exec", net.server_ns()];
+    full.extend_from_slice(wrapper);
+    full.extend_from_slice(&[&bin, "run"]);
+    full.extend_from_slice(args);
+    let shown = format!("ip {}", full.join(" "));
+    let mut child = Command::new("ip")
+        .args(&full)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{shown}`"))?;
+    let mut pipe = child.stderr.take().context("agent stderr")?;
+    let reader = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    });
+    let deadline = Instant::now() + REFUSE_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().context("waiting for the agent")? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = reader.join().unwrap_or_default();
+            bail!("`{shown}` was not refused: still running after {REFUSE_TIMEOUT:?}:\n{stderr}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let stderr = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("stderr reader panicked"))?;
+    eprintln!("`{shown}` -> {status}:\n{stderr}");
+    Ok(Refusal { status, stderr })
+}
+
+/// Checks that the start was refused with a message containing every one of `needles`.
+fn assert_refused(refusal: &Refusal, needles: &[&str]) -> Result<()> {
+    ensure!(
+        !refusal.status.success(),
+        "the agent exited successfully; stderr:\n{}",
+        refusal.stderr
+    );
+    ensure!(
+        refusal.status.code().is_some(),
+        "the agent did not exit by itself ({}); stderr:\n{}",
+        refusal.status,
+        refusal.stderr
+    );
+    for needle in needles {
+        ensure!(
+            refusal.stderr.contains(needle),
+            "the error does not mention {needle:?}:\n{}",
+            refusal.stderr
+        );
+    }
+    Ok(())
+}
+
+/// Ids of the programs attached to the server veth's TCX ingress hook.
+fn tcx_ingress_programs(net: &TestNet) -> Result<Vec<u32>> {
+    let iface = net.server_iface().to_owned();
+    run_in_ns(net.server_ns(), move || {
+        let (_revision, programs) = SchedClassifier::query_tcx(&iface, TcAttachType::Ingress)
+            .with_context(|| format!("querying the TCX ingress programs of {iface}"))?;
+        Ok(programs.iter().map(|p| p.id()).collect())
+    })
+}
+
+/// Nothing of the agent is left on the server veth: no TCX program, no `clsact` qdisc.
+fn assert_nothing_attached(net: &TestNet) -> Result<()> {
+    let programs = tcx_ingress_programs(net)?;
+    ensure!(
+        programs.is_empty(),
+        "programs still attached to {} ingress: {programs:?}",
+        net.server_iface()
+    );
+    let qdiscs = ns_exec(
+        net.server_ns(),
+        "tc",
+        &["qdisc", "show", "dev", net.server_iface()],
+    )?;
+    ensure!(
+        !qdiscs.contains("clsact"),
+        "a clsact qdisc was left on {}:\n{qdiscs}",
+        net.server_iface()
+    );
+    Ok(())
+}
+
+/// The agent's program, from its `attached` event.
+fn program_id(attached: &Value) -> Result<u32> {
+    attached
+        .get("program_id")
+        .and_then(Value::as_u64)
+        .and_then(|id| u32::try_from(id).ok())
+        .with_context(|| format!("no program_id in {attached}"))
+}
+
+/// The control: the check sees the agent's program while it runs, and nothing after SIGTERM.
+#[test]
+fn a_running_agent_is_seen_attached_and_detaches_on_sigterm() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let net = TestNet::new("cli_ok")?;
+    assert_nothing_attached(&net)?;
+    let agent = Agent::start(&net, &["--iface", net.server_iface(), "--port", "5000"])?;
+    let attached = agent.wait_for_event("attached", Duration::from_secs(1))?;
+    let programs = tcx_ingress_programs(&net)?;
+    ensure!(
+        programs == vec![program_id(&attached)?],
+        "expected exactly the agent's program on {} ingress, found {programs:?}; attached: {attached}",
+        net.server_iface()
+    );
+    let exit = agent.stop()?;
+    ensure!(
+        exit.status.success(),
+        "agent exited with {}:\n{}",
+        exit.status,
+        exit.output()
+    );
+    assert_nothing_attached(&net)
+}
+
+#[test]
+fn unknown_interface_is_refused() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let net = TestNet::new("cli_iface")?;
+    let refusal = run_refused(&net, &[], &["--iface", "nope0", "--port", "5000"])?;
+    assert_refused(&refusal, &["nope0"])?;
+
+    // Next to an interface that exists, the good one must not be left half-attached.
+    let refusal = run_refused(
+        &net,
+        &[],
+        &[
+            "--iface",
+            net.server_iface(),
+            "--iface",
+            "nope0",
+            "--port",
+            "5000",
+        ],
+    )?;
+    assert_refused(&refusal, &["nope0"])?;
+    assert_nothing_attached(&net)?;
+
+    // The JSON log carries the same error in a `fatal` event.
+    let refusal = run_refused(
+        &net,
+        &[],
+        &["--iface", "nope0", "--port", "5000", "--log-format", "json"],
+    )?;
+    assert_refused(&refusal, &["nope0"])?;
+    let fatal = refusal
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v.get("event").and_then(Value::as_str) == Some("fatal"))
+        .with_context(|| format!("no `fatal` JSON event:\n{}", refusal.stderr))?;
+    ensure!(
+        fatal.to_string().contains("nope0"),
+        "the fatal event does not name the interface: {fatal}"
+    );
+    Ok(())
+}
+
+#[test]
+fn port_zero_is_refused() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let net = TestNet::new("cli_port")?;
+    let refusal = run_refused(&net, &[], &["--iface", net.server_iface(), "--port", "0"])?;
+    assert_refused(&refusal, &["port 0"])?;
+    assert_nothing_attached(&net)
+}
+
+#[test]
+fn bad_client_prefixes_are_refused() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let net = TestNet::new("cli_cidr")?;
+    for bad in ["10.0.0.0/33", "banana", "fd00::/129"] {
+        let refusal = run_refused(
+            &net,
+            &[],
+            &[
+                "--iface",
+                net.server_iface(),
+                "--port",
+                "5000",
+                "--client",
+                bad,
+            ],
+        )?;
+        assert_refused(&refusal, &[bad, "--client"]).with_context(|| format!("--client {bad}"))?;
+        assert_nothing_attached(&net)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn missing_required_flags_are_refused() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let net = TestNet::new("cli_missing")?;
+    let iface = net.server_iface();
+    let cases: [(&[&str], &[&str]); 3] = [
+        (&["--port", "5000"], &["--iface"]),
+        (&["--iface", iface], &["--port"]),
+        (&[], &["--iface", "--port"]),
+    ];
+    for (args, needles) in cases {
+        let refusal = run_refused(&net, &[], args)?;
+        assert_refused(&refusal, needles).with_context(|| format!("watchdog run {args:?}"))?;
+        assert_nothing_attached(&net)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn missing_capabilities_are_refused() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let net = TestNet::new("cli_caps")?;
+    let args = ["--iface", net.server_iface(), "--port", "5000"];
+
+    // An ordinary user: no capabilities at all.
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ];
+    let refusal = run_refused(&net, &nobody, &args)?;
+    assert_refused(&refusal, &["CAP_NET_ADMIN", "CAP_BPF"])?;
+    assert_nothing_attached(&net)?;
+
+    // Root without CAP_NET_ADMIN: the message names just that one.
+    let no_net_admin = [
+        "setpriv",
+        "--inh-caps=-net_admin",
+        "--bounding-set=-net_admin",
+    ];
+    let refusal = run_refused(&net, &no_net_admin, &args)?;
+    assert_refused(&refusal, &["CAP_NET_ADMIN"])?;
+    ensure!(
+        !refusal.stderr.contains("CAP_BPF"),
+        "CAP_BPF is there, yet the message asks for it:\n{}",
+        refusal.stderr
+    );
+    assert_nothing_attached(&net)
+}
