@@ -18,8 +18,8 @@ use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
 };
-use tracing::{error, info, warn};
-use watchdog_common::{Counter, HEARTBEAT_INTERVAL_NS};
+use tracing::info;
+use watchdog_common::HEARTBEAT_INTERVAL_NS;
 
 use crate::{
     action::{self, DestroyOutcome, NotFound},
@@ -28,7 +28,7 @@ use crate::{
     events::{StaleSyn, monotonic_ns},
     guard::{self, Decision},
     inject::Injector,
-    preflight,
+    preflight, report,
     sock_diag::SockDiag,
 };
 
@@ -66,7 +66,11 @@ pub async fn run(config: RunConfig) -> Result<()> {
         injector,
     };
     agent.beat()?;
-    agent.log_attached();
+    report::attached(
+        &agent.config,
+        &agent.classifier,
+        agent.injector.as_ref().map(Injector::method),
+    );
 
     let mut heartbeat = tokio::time::interval(Duration::from_nanos(HEARTBEAT_INTERVAL_NS));
     loop {
@@ -86,7 +90,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
     agent.classifier.beat(0)?;
     tokio::time::sleep(SHUTDOWN_GRACE).await;
     agent.drain(events.get_mut());
-    agent.log_counters();
+    report::counters(agent.classifier.counters());
     drop(events);
     drop(agent);
     info!(
@@ -116,112 +120,58 @@ impl Agent {
                     drop(record);
                     self.handle(&syn);
                 }
-                Err(e) => warn!(event = "bad_record", error = %e, "skipped a ring buffer record"),
+                Err(error) => report::bad_record(&error),
             }
         }
     }
 
+    /// Acts first and logs afterwards: the client is waiting for the destroy and the replay,
+    /// not for the log lines.
     fn handle(&mut self, syn: &StaleSyn) {
-        let raw = &syn.raw;
-        info!(
-            event = "stale_syn",
-            client = %syn.client,
-            server = %syn.server,
-            ifindex = raw.ifindex,
-            held = syn.held_frame().is_some(),
-            syn_seq = raw.syn_seq,
-            stale_peer_isn = raw.stale_peer_isn,
-            stale_bytes_received = raw.stale_bytes_received,
-            stale_segs_in = raw.stale_segs_in,
-            event_latency_us = micros(syn.event_latency()),
-            "SYN for a tuple that an ESTABLISHED socket owns"
-        );
-        let destroyed = self.judge_and_destroy(syn);
-        if let Some(frame) = syn.held_frame() {
-            self.replay(syn, frame, destroyed);
+        let verdict = self.judge_and_destroy(syn);
+        let replay = syn
+            .held_frame()
+            .map(|frame| self.replay(syn, frame, verdict.socket_is_gone()));
+        report::stale_syn(syn);
+        report::verdict(syn, &verdict);
+        if let Some(replay) = replay {
+            report::replay(syn, &replay);
         }
     }
 
     /// Looks the stale socket up, lets the guards judge it and destroys it if they allow.
-    /// Returns whether the stale socket is gone for sure.
-    fn judge_and_destroy(&mut self, syn: &StaleSyn) -> bool {
+    fn judge_and_destroy(&mut self, syn: &StaleSyn) -> Verdict {
+        let started = Instant::now();
         let socket = match action::find_stale(&mut self.diag, syn) {
             Ok(socket) => socket,
-            Err(NotFound::Gone(reason)) => {
-                info!(
-                    event = "already_gone",
-                    client = %syn.client,
-                    server = %syn.server,
-                    reason,
-                    "nothing to destroy"
-                );
-                return false;
-            }
-            Err(NotFound::Failed(error)) => {
-                warn!(
-                    event = "destroy_failed",
-                    client = %syn.client,
-                    server = %syn.server,
-                    error = %error,
-                    "could not look the stale socket up"
-                );
-                return false;
-            }
+            Err(NotFound::Gone(reason)) => return Verdict::AlreadyGone(reason),
+            Err(NotFound::Failed(error)) => return Verdict::Failed(error),
         };
-        let idle_ms = socket.idle.map(|d| d.as_millis() as u64);
+        let lookup = started.elapsed();
         if let Decision::Refuse(reason) = guard::decide(&self.config, syn, &socket) {
-            info!(
-                event = "would_destroy",
-                client = %syn.client,
-                server = %syn.server,
-                idle_ms,
+            return Verdict::Refused {
                 reason,
-                "stale socket left in place"
-            );
-            return false;
+                idle: socket.idle,
+            };
         }
         match action::destroy(&mut self.diag, syn, &socket) {
-            DestroyOutcome::Destroyed { took } => {
-                info!(
-                    event = "destroyed",
-                    client = %syn.client,
-                    server = %syn.server,
-                    idle_ms,
-                    destroy_us = micros(took),
-                    total_us = micros(since_seen(syn)),
-                    "destroyed the stale socket"
-                );
-                true
-            }
-            DestroyOutcome::AlreadyGone(reason) => {
-                info!(
-                    event = "already_gone",
-                    client = %syn.client,
-                    server = %syn.server,
-                    reason,
-                    "nothing to destroy"
-                );
-                false
-            }
-            DestroyOutcome::Failed(error) => {
-                warn!(
-                    event = "destroy_failed",
-                    client = %syn.client,
-                    server = %syn.server,
-                    error = %error,
-                    "could not destroy the stale socket"
-                );
-                false
-            }
+            DestroyOutcome::Destroyed { took } => Verdict::Destroyed {
+                idle: socket.idle,
+                lookup,
+                destroy: took,
+                since_seen: since_seen(syn),
+            },
+            DestroyOutcome::AlreadyGone(reason) => Verdict::AlreadyGone(reason),
+            DestroyOutcome::Failed(error) => Verdict::Failed(error),
         }
     }
 
     /// Re-injects a held SYN, whatever happened to its stale socket: nothing is lost. When the
     /// socket may still be there, the classifier is told first to let this one SYN through.
-    fn replay(&mut self, syn: &StaleSyn, frame: &[u8], destroyed: bool) {
+    fn replay(&mut self, syn: &StaleSyn, frame: &[u8], socket_is_gone: bool) -> Replay {
         let started = Instant::now();
         let result = (|| {
-            if !destroyed {
+            if !socket_is_gone {
                 self.classifier.announce_replay(&syn.raw.replay_key())?;
             }
             let injector = self
@@ -231,65 +181,10 @@ impl Agent {
             injector.inject(self.classifier.replay_program()?, frame, syn.raw.ifindex)?;
             anyhow::Ok(injector.method())
         })();
-        match result {
-            Ok(method) => info!(
-                event = "replayed",
-                client = %syn.client,
-                server = %syn.server,
-                method,
-                inject_us = micros(started.elapsed()),
-                total_us = micros(since_seen(syn)),
-                "re-injected the held SYN"
-            ),
-            Err(error) => error!(
-                event = "replay_failed",
-                client = %syn.client,
-                server = %syn.server,
-                error = %format!("{error:#}"),
-                "could not re-inject the held SYN; the client's retransmission will bring it back"
-            ),
-        }
-    }
-
-    fn log_attached(&self) {
-        let config = &self.config;
-        info!(
-            event = "attached",
-            ifaces = %comma_list(config.ifaces.iter().map(|i| &i.name)),
-            ports = %comma_list(&config.ports),
-            clients = %comma_list(&config.clients),
-            mode = %config.mode,
-            min_idle_ms = config.min_idle.as_millis() as u64,
-            replay = self.injector.as_ref().map(Injector::method),
-            program_id = self.classifier.program_id,
-            attach = self.classifier.attach_kind,
-            "watchdog attached"
-        );
-    }
-
-    fn log_counters(&self) {
-        match self.classifier.counters() {
-            Ok(counters) => {
-                let get = |wanted: Counter| {
-                    counters
-                        .iter()
-                        .find(|(c, _)| *c == wanted)
-                        .map_or(0, |(_, v)| *v)
-                };
-                info!(
-                    event = "counters",
-                    packets_seen = get(Counter::PacketsSeen),
-                    syns_checked = get(Counter::SynsChecked),
-                    stale_syns = get(Counter::StaleSyns),
-                    ringbuf_full = get(Counter::RingbufFull),
-                    old_duplicate_syns = get(Counter::OldDuplicateSyns),
-                    held = get(Counter::Held),
-                    replays_passed = get(Counter::ReplaysPassed),
-                    heartbeat_stale = get(Counter::HeartbeatStale),
-                    "classifier counters"
-                );
-            }
-            Err(e) => warn!(event = "counters_unavailable", error = %e, "could not read counters"),
+        Replay {
+            result,
+            took: started.elapsed(),
+            since_seen: since_seen(syn),
         }
     }
 }
@@ -298,15 +193,39 @@ fn since_seen(syn: &StaleSyn) -> Duration {
     Duration::from_nanos(monotonic_ns().saturating_sub(syn.raw.seen_ns))
 }
 
-/// `a,b,c`: list fields stay plain strings in both log formats.
-fn comma_list<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
-    items
-        .into_iter()
-        .map(|item| item.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
+/// What became of one stale socket.
+pub enum Verdict {
+    Destroyed {
+        idle: Option<Duration>,
+        /// sock_diag look-up.
+        lookup: Duration,
+        /// sock_diag destroy.
+        destroy: Duration,
+        /// From the classifier seeing the SYN to the socket being gone.
+        since_seen: Duration,
+    },
+    /// A guard said no.
+    Refused {
+        reason: String,
+        idle: Option<Duration>,
+    },
+    /// Nothing to destroy any more.
+    AlreadyGone(String),
+    /// The kernel failed the look-up or the destroy.
+    Failed(std::io::Error),
 }
 
-fn micros(d: Duration) -> u64 {
-    d.as_micros() as u64
+impl Verdict {
+    fn socket_is_gone(&self) -> bool {
+        matches!(self, Verdict::Destroyed { .. })
+    }
+}
+
+/// What became of one held SYN.
+pub struct Replay {
+    /// The injection method, or why the SYN could not go back.
+    pub result: Result<&'static str>,
+    pub took: Duration,
+    /// From the classifier seeing the SYN to its re-injection.
+    pub since_seen: Duration,
 }

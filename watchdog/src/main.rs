@@ -3,7 +3,7 @@
 //! The data path, one module each:
 //! packet → classifier (`watchdog-ebpf`, loaded by [`classifier`]) → ring buffer ([`events`])
 //! → decision ([`guard`]) → action ([`action`] through [`sock_diag`]; [`inject`] for held
-//! SYNs) → log ([`agent`]).
+//! SYNs) → log ([`report`]), driven by the loop in [`agent`].
 mod action;
 mod agent;
 mod classifier;
@@ -14,6 +14,7 @@ mod guard;
 mod inject;
 mod logging;
 mod preflight;
+mod report;
 mod sock_diag;
 
 use std::process::ExitCode;

@@ -16,9 +16,14 @@ pub fn check_capabilities() -> Result<()> {
         missing.push("CAP_BPF (or CAP_SYS_ADMIN)");
     }
     if !missing.is_empty() {
+        // SAFETY: no preconditions.
+        let hint = if unsafe { libc::geteuid() } == 0 {
+            "this root process lacks them (a restricted container or bounding set?)"
+        } else {
+            "run it as root or grant them (e.g. systemd AmbientCapabilities=)"
+        };
         bail!(
-            "watchdog needs {} to load its eBPF classifier and destroy sockets: run it as root \
-             or grant the capabilities (e.g. systemd AmbientCapabilities=)",
+            "watchdog needs {} to load its eBPF classifier and destroy sockets: {hint}",
             missing.join(" and ")
         );
     }

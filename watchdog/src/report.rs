@@ -1,0 +1,160 @@
+//! Reporting: every step of the data path becomes one log line with a stable `event` field, so
+//! an operator can answer "what happened, why, and how long did it take" from the log alone.
+use std::time::Duration;
+
+use anyhow::Result;
+use tracing::{error, info, warn};
+use watchdog_common::Counter;
+
+use crate::{
+    agent::{Replay, Verdict},
+    classifier::Classifier,
+    config::RunConfig,
+    events::StaleSyn,
+};
+
+pub fn attached(config: &RunConfig, classifier: &Classifier, replay: Option<&str>) {
+    info!(
+        event = "attached",
+        ifaces = %comma_list(config.ifaces.iter().map(|i| &i.name)),
+        ports = %comma_list(&config.ports),
+        clients = %comma_list(&config.clients),
+        mode = %config.mode,
+        min_idle_ms = millis(config.min_idle),
+        replay,
+        program_id = classifier.program_id,
+        attach = classifier.attach_kind,
+        "watchdog attached"
+    );
+}
+
+pub fn stale_syn(syn: &StaleSyn) {
+    let raw = &syn.raw;
+    info!(
+        event = "stale_syn",
+        client = %syn.client,
+        server = %syn.server,
+        ifindex = raw.ifindex,
+        held = syn.held_frame().is_some(),
+        syn_seq = raw.syn_seq,
+        stale_peer_isn = raw.stale_peer_isn,
+        stale_bytes_received = raw.stale_bytes_received,
+        stale_segs_in = raw.stale_segs_in,
+        event_latency_us = micros(syn.event_latency()),
+        "SYN for a tuple that an ESTABLISHED socket owns"
+    );
+}
+
+pub fn verdict(syn: &StaleSyn, verdict: &Verdict) {
+    let (client, server) = (&syn.client, &syn.server);
+    match verdict {
+        Verdict::Destroyed {
+            idle,
+            lookup,
+            destroy,
+            since_seen,
+        } => info!(
+            event = "destroyed",
+            %client,
+            %server,
+            idle_ms = idle.map(millis),
+            lookup_us = micros(*lookup),
+            destroy_us = micros(*destroy),
+            total_us = micros(*since_seen),
+            "destroyed the stale socket"
+        ),
+        Verdict::Refused { reason, idle } => info!(
+            event = "would_destroy",
+            %client,
+            %server,
+            idle_ms = idle.map(millis),
+            reason,
+            "stale socket left in place"
+        ),
+        Verdict::AlreadyGone(reason) => info!(
+            event = "already_gone",
+            %client,
+            %server,
+            reason,
+            "nothing to destroy"
+        ),
+        Verdict::Failed(error) => warn!(
+            event = "destroy_failed",
+            %client,
+            %server,
+            error = %error,
+            "could not look up or destroy the stale socket"
+        ),
+    }
+}
+
+pub fn replay(syn: &StaleSyn, replay: &Replay) {
+    let (client, server) = (&syn.client, &syn.server);
+    match &replay.result {
+        Ok(method) => info!(
+            event = "replayed",
+            %client,
+            %server,
+            method,
+            inject_us = micros(replay.took),
+            total_us = micros(replay.since_seen),
+            "re-injected the held SYN"
+        ),
+        Err(error) => error!(
+            event = "replay_failed",
+            %client,
+            %server,
+            error = %format!("{error:#}"),
+            "could not re-inject the held SYN; the client's retransmission will bring it back"
+        ),
+    }
+}
+
+pub fn bad_record(error: &anyhow::Error) {
+    warn!(event = "bad_record", error = %error, "skipped a ring buffer record");
+}
+
+pub fn counters(counters: Result<Vec<(Counter, u64)>>) {
+    let counters = match counters {
+        Ok(counters) => counters,
+        Err(e) => {
+            warn!(event = "counters_unavailable", error = %e, "could not read counters");
+            return;
+        }
+    };
+    let get = |wanted: Counter| {
+        counters
+            .iter()
+            .find(|(c, _)| *c == wanted)
+            .map_or(0, |(_, v)| *v)
+    };
+    info!(
+        event = "counters",
+        packets_seen = get(Counter::PacketsSeen),
+        syns_checked = get(Counter::SynsChecked),
+        stale_syns = get(Counter::StaleSyns),
+        ringbuf_full = get(Counter::RingbufFull),
+        old_duplicate_syns = get(Counter::OldDuplicateSyns),
+        held = get(Counter::Held),
+        replays_passed = get(Counter::ReplaysPassed),
+        heartbeat_stale = get(Counter::HeartbeatStale),
+        "classifier counters"
+    );
+}
+
+/// `a,b,c`: list fields stay plain strings in both log formats.
+fn comma_list<T: ToString>(items: impl IntoIterator<Item = T>) -> String {
+    items
+        .into_iter()
+        .map(|item| item.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
