@@ -21,6 +21,10 @@ pub mod names {
     pub const HEARTBEAT: &str = "HEARTBEAT";
     /// `LruHashMap<ReplayKey, u8>`: SYNs the agent is about to re-inject; never held again.
     pub const REPLAYED: &str = "REPLAYED";
+    /// `LruHashMap<TupleKey, u64>`: tuples whose destroy a guard refused, with the
+    /// `CLOCK_MONOTONIC` ns until which their SYNs are reported but not held (a SYN flood
+    /// against a live connection then costs the agent a look-up each, not a re-injection).
+    pub const REFUSED: &str = "REFUSED";
     /// Read-only global `u8`: 1 when stale SYNs are held for replay (`--mode replay`).
     pub const HOLD_ENABLED: &str = "HOLD_ENABLED";
     /// The TC classifier program.
@@ -173,26 +177,40 @@ impl StaleSynEvent {
         packet: [0; MAX_HELD_PACKET],
     };
 
-    /// The key under which the agent announces the replay of this SYN.
-    pub const fn replay_key(&self) -> ReplayKey {
-        ReplayKey {
+    /// The SYN's 4-tuple.
+    pub const fn tuple(&self) -> TupleKey {
+        TupleKey {
             client_addr: self.client_addr,
             server_addr: self.server_addr,
             client_port: self.client_port,
             server_port: self.server_port,
+        }
+    }
+
+    /// The key under which the agent announces the replay of this SYN.
+    pub const fn replay_key(&self) -> ReplayKey {
+        ReplayKey {
+            tuple: self.tuple(),
             syn_seq: self.syn_seq,
         }
     }
 }
 
-/// Identifies one SYN: its 4-tuple (addresses as in [`StaleSynEvent`]) and sequence number.
+/// A connection's 4-tuple, addresses and ports as in [`StaleSynEvent`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ReplayKey {
+pub struct TupleKey {
     pub client_addr: [u8; 16],
     pub server_addr: [u8; 16],
     pub client_port: u16,
     pub server_port: u16,
+}
+
+/// Identifies one SYN: its 4-tuple and sequence number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReplayKey {
+    pub tuple: TupleKey,
     pub syn_seq: u32,
 }
 
@@ -205,6 +223,7 @@ pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
 
 // Layout checks: a change here must be a deliberate change on both sides.
 const _: () = assert!(core::mem::size_of::<StaleSynEvent>() == 80 + MAX_HELD_PACKET);
+const _: () = assert!(core::mem::size_of::<TupleKey>() == 36);
 const _: () = assert!(core::mem::size_of::<ReplayKey>() == 40);
 
 #[cfg(feature = "user")]
@@ -212,4 +231,5 @@ mod pod {
     // SAFETY: plain `repr(C)` data without padding holes or invalid bit patterns.
     unsafe impl aya::Pod for super::StaleSynEvent {}
     unsafe impl aya::Pod for super::ReplayKey {}
+    unsafe impl aya::Pod for super::TupleKey {}
 }

@@ -30,7 +30,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use watchdog_common::{
-    Counter, HEARTBEAT_TIMEOUT_NS, MAX_HELD_PACKET, ReplayKey, StaleSynEvent, classifier_action,
+    Counter, HEARTBEAT_TIMEOUT_NS, MAX_HELD_PACKET, ReplayKey, StaleSynEvent, TupleKey,
+    classifier_action,
 };
 
 use crate::{packet::Syn, socket::StaleSocket};
@@ -65,6 +66,11 @@ static HEARTBEAT: Array<u64> = Array::with_max_entries(1, 0);
 /// SYNs the agent re-injects after it could not (or would not) destroy their stale socket.
 #[map(name = "REPLAYED")]
 static REPLAYED: LruHashMap<ReplayKey, u8> = LruHashMap::with_max_entries(4096, 0);
+
+/// Tuples whose destroy a guard refused → `CLOCK_MONOTONIC` ns until which their SYNs are
+/// reported but not held.
+#[map(name = "REFUSED")]
+static REFUSED: LruHashMap<TupleKey, u64> = LruHashMap::with_max_entries(4096, 0);
 
 #[classifier]
 pub fn stale_syn_classifier(ctx: TcContext) -> i32 {
@@ -121,7 +127,7 @@ fn check_syn(ctx: &TcContext, syn: &Syn) -> i32 {
     // SAFETY: `event` points at a reserved, exclusively owned ring buffer record.
     let held = unsafe {
         fill_event(ctx, syn, &stale, event);
-        hold_packet(ctx, event)
+        !recently_refused(syn) && hold_packet(ctx, event)
     };
     entry.submit(0);
     if held {
@@ -200,6 +206,17 @@ unsafe fn hold_packet(ctx: &TcContext, event: *mut StaleSynEvent) -> bool {
         (*event).classifier_action = classifier_action::HELD;
     }
     true
+}
+
+/// Whether the agent refused to destroy this tuple's socket a moment ago: its SYNs are still
+/// reported, but go on to the kernel instead of being held and re-injected one by one.
+#[inline(always)]
+fn recently_refused(syn: &Syn) -> bool {
+    let Some(until) = REFUSED.get_ptr(syn.tuple()) else {
+        return false;
+    };
+    // SAFETY: helper without preconditions; `until` points at a live map value.
+    unsafe { bpf_ktime_get_ns() < *until }
 }
 
 /// Whether the agent refreshed its heartbeat within [`HEARTBEAT_TIMEOUT_NS`].

@@ -11,7 +11,7 @@ use network_types::{
     ip::{IpProto, Ipv4Hdr, Ipv6Hdr},
     tcp::TcpHdr,
 };
-use watchdog_common::{ReplayKey, ipv4_mapped};
+use watchdog_common::{ReplayKey, TupleKey, ipv4_mapped};
 
 /// A SYN without ACK, as seen on the server's ingress.
 pub struct Syn {
@@ -30,14 +30,22 @@ pub struct Syn {
 }
 
 impl Syn {
-    /// This SYN's identity in the `REPLAYED` map.
+    /// This SYN's 4-tuple, the key of the `REFUSED` map.
     #[inline(always)]
-    pub fn replay_key(&self) -> ReplayKey {
-        ReplayKey {
+    pub fn tuple(&self) -> TupleKey {
+        TupleKey {
             client_addr: self.client_addr,
             server_addr: self.server_addr,
             client_port: self.client_port,
             server_port: self.server_port,
+        }
+    }
+
+    /// This SYN's identity in the `REPLAYED` map.
+    #[inline(always)]
+    pub fn replay_key(&self) -> ReplayKey {
+        ReplayKey {
+            tuple: self.tuple(),
             syn_seq: self.seq,
         }
     }

@@ -19,28 +19,33 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 use tracing::info;
-use watchdog_common::HEARTBEAT_INTERVAL_NS;
+use watchdog_common::{Counter, HEARTBEAT_INTERVAL_NS};
 
 use crate::{
     action::{self, DestroyOutcome, NotFound},
     classifier::Classifier,
     config::{Mode, RunConfig},
     events::{StaleSyn, monotonic_ns},
-    guard::{self, Decision},
+    guard::{Decision, Guards},
     inject::Injector,
-    preflight, report,
+    preflight::{self, KernelFeatures},
+    report,
     sock_diag::SockDiag,
 };
 
 /// Lets a classifier run that read the heartbeat just before it was cleared finish its
 /// ring-buffer submit before the final drain.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(20);
+/// How often the ring buffer's overflow counter is read; an increase is reported.
+const OVERFLOW_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a refused tuple's SYNs go to the kernel instead of being held.
+const REFUSAL_BACKOFF: Duration = Duration::from_secs(1);
 
 pub async fn run(config: RunConfig) -> Result<()> {
     preflight::check_capabilities()?;
-    if config.mode != Mode::Observe {
-        preflight::check_sock_destroy()?;
-    }
+    let features = KernelFeatures::probe()?;
+    report::features(&features);
+    features.require(config.mode)?;
     let diag = SockDiag::open()?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -60,6 +65,8 @@ pub async fn run(config: RunConfig) -> Result<()> {
         Mode::Observe | Mode::Destroy => None,
     };
     let mut agent = Agent {
+        guards: Guards::new(&config, Instant::now()),
+        overflows_seen: 0,
         config,
         diag,
         classifier,
@@ -73,11 +80,13 @@ pub async fn run(config: RunConfig) -> Result<()> {
     );
 
     let mut heartbeat = tokio::time::interval(Duration::from_nanos(HEARTBEAT_INTERVAL_NS));
+    let mut overflow_check = tokio::time::interval(OVERFLOW_CHECK_INTERVAL);
     loop {
         tokio::select! {
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             _ = heartbeat.tick() => agent.beat()?,
+            _ = overflow_check.tick() => agent.check_overflow(),
             ready = events.readable_mut() => {
                 let mut ready = ready.context("waiting on the ring buffer")?;
                 agent.drain(ready.get_inner_mut());
@@ -102,6 +111,9 @@ pub async fn run(config: RunConfig) -> Result<()> {
 
 struct Agent {
     config: RunConfig,
+    guards: Guards,
+    /// `ringbuf_full` as last reported.
+    overflows_seen: u64,
     diag: SockDiag,
     classifier: Classifier,
     injector: Option<Injector>,
@@ -110,6 +122,18 @@ struct Agent {
 impl Agent {
     fn beat(&mut self) -> Result<()> {
         self.classifier.beat(monotonic_ns())
+    }
+
+    /// Reports stale SYNs the classifier could not queue since the last check: they went to
+    /// the kernel unreported (and unheld), which is safe but must never be silent.
+    fn check_overflow(&mut self) {
+        let Ok(full) = self.classifier.counter(Counter::RingbufFull) else {
+            return;
+        };
+        if full > self.overflows_seen {
+            report::ring_buffer_overflow(full - self.overflows_seen, full);
+            self.overflows_seen = full;
+        }
     }
 
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
@@ -148,7 +172,11 @@ impl Agent {
             Err(NotFound::Failed(error)) => return Verdict::Failed(error),
         };
         let lookup = started.elapsed();
-        if let Decision::Refuse(reason) = guard::decide(&self.config, syn, &socket) {
+        if let Decision::Refuse(reason) =
+            self.guards
+                .decide(&self.config, syn, &socket, Instant::now())
+        {
+            self.back_off(syn);
             return Verdict::Refused {
                 reason,
                 idle: socket.idle,
@@ -163,6 +191,15 @@ impl Agent {
             },
             DestroyOutcome::AlreadyGone(reason) => Verdict::AlreadyGone(reason),
             DestroyOutcome::Failed(error) => Verdict::Failed(error),
+        }
+    }
+
+    /// After a refusal, the tuple's next SYNs are reported but not held for a while: a flood of
+    /// spoofed SYNs against a live connection then costs a look-up each, not a re-injection.
+    fn back_off(&mut self, syn: &StaleSyn) {
+        let until = monotonic_ns() + REFUSAL_BACKOFF.as_nanos() as u64;
+        if let Err(error) = self.classifier.back_off(&syn.raw.tuple(), until) {
+            report::map_write_failed(&error);
         }
     }
 

@@ -11,7 +11,7 @@ use aya::{
     util::KernelVersion,
 };
 use ipnet::IpNet;
-use watchdog_common::{Counter, ReplayKey, names};
+use watchdog_common::{Counter, ReplayKey, TupleKey, names};
 
 use crate::config::{Interface, Mode, RunConfig};
 
@@ -25,6 +25,7 @@ pub struct Classifier {
     ebpf: Ebpf,
     heartbeat: Array<MapData, u64>,
     replayed: HashMap<MapData, ReplayKey, u8>,
+    refused: HashMap<MapData, TupleKey, u64>,
     /// Program id in the kernel, for `bpftool prog show id N`.
     pub program_id: u32,
     /// "tcx" or "clsact".
@@ -93,10 +94,15 @@ impl Classifier {
             ebpf.take_map(names::REPLAYED)
                 .context("the eBPF object has no REPLAYED map")?,
         )?;
+        let refused = HashMap::try_from(
+            ebpf.take_map(names::REFUSED)
+                .context("the eBPF object has no REFUSED map")?,
+        )?;
         Ok(Classifier {
             ebpf,
             heartbeat,
             replayed,
+            refused,
             program_id,
             attach_kind: if tcx { "tcx" } else { "clsact" },
         })
@@ -113,6 +119,13 @@ impl Classifier {
     /// Announces that the agent re-injects this SYN: the classifier lets it through once.
     pub fn announce_replay(&mut self, key: &ReplayKey) -> Result<()> {
         self.replayed.insert(key, 1, 0).context("writing REPLAYED")
+    }
+
+    /// Until `until_ns` (`CLOCK_MONOTONIC`), report this tuple's SYNs without holding them.
+    pub fn back_off(&mut self, tuple: &TupleKey, until_ns: u64) -> Result<()> {
+        self.refused
+            .insert(tuple, until_ns, 0)
+            .context("writing REFUSED")
     }
 
     /// The XDP program that passes re-injected frames.
@@ -133,19 +146,21 @@ impl Classifier {
         Ok(RingBuf::try_from(map)?)
     }
 
-    /// The classifier's counters, summed over CPUs, in [`Counter::ALL`] order.
-    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+    /// One counter, summed over CPUs.
+    pub fn counter(&self, counter: Counter) -> Result<u64> {
         let map = self
             .ebpf
             .map(names::COUNTERS)
             .context("the eBPF object has no COUNTERS map")?;
         let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
+        Ok(counters.get(&(counter as u32), 0)?.iter().sum())
+    }
+
+    /// The classifier's counters, summed over CPUs, in [`Counter::ALL`] order.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
         Counter::ALL
             .iter()
-            .map(|&counter| {
-                let per_cpu = counters.get(&(counter as u32), 0)?;
-                Ok((counter, per_cpu.iter().sum()))
-            })
+            .map(|&counter| Ok((counter, self.counter(counter)?)))
             .collect()
     }
 }

@@ -1,9 +1,14 @@
 //! Command line. The flag names of `watchdog run` are a stable interface: scripts, the tests and
 //! the README use them.
 use clap::{Parser, Subcommand, ValueEnum};
+use std::{path::PathBuf, time::Duration};
+
 use ipnet::IpNet;
 
-use crate::config::Mode;
+use crate::config::{
+    Mode,
+    values::{self, RateLimit},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,17 +29,21 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// TOML config file; flags given here win over its keys.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
     /// Interface on which clients' packets arrive (repeatable).
-    #[arg(long = "iface", value_name = "IF", required = true)]
+    #[arg(long = "iface", value_name = "IF")]
     pub ifaces: Vec<String>,
 
     /// Local (server) TCP port to watch (repeatable).
-    #[arg(long = "port", value_name = "PORT", required = true, value_parser = parse_port)]
+    #[arg(long = "port", value_name = "PORT", value_parser = values::port)]
     pub ports: Vec<u16>,
 
     /// Only watch clients in this prefix, IPv4 or IPv6, e.g. `192.0.2.0/24` or a single
     /// address (repeatable; default: any client).
-    #[arg(long = "client", value_name = "CIDR", value_parser = parse_client_prefix)]
+    #[arg(long = "client", value_name = "CIDR", value_parser = values::client_prefix)]
     pub clients: Vec<IpNet>,
 
     /// What to do with a stale socket [default: replay].
@@ -46,9 +55,17 @@ pub struct RunArgs {
     pub dry_run: bool,
 
     /// Idle guard: destroy a stale socket only if it received no data for at least this long
-    /// (e.g. `2s`, `500ms`; default: off).
-    #[arg(long, value_name = "DURATION")]
-    pub min_idle: Option<humantime::Duration>,
+    /// (`0s` turns it off) [default: 1s].
+    #[arg(long, value_name = "DURATION", value_parser = values::duration)]
+    pub min_idle: Option<Duration>,
+
+    /// Destroys allowed per client address, as COUNT/PERIOD [default: 5/10s].
+    #[arg(long, value_name = "RATE")]
+    pub per_client_limit: Option<RateLimit>,
+
+    /// Destroys allowed across all clients, as COUNT/PERIOD [default: 1000/10s].
+    #[arg(long, value_name = "RATE")]
+    pub global_limit: Option<RateLimit>,
 
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -61,72 +78,4 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, fields at top level (`event`, `message`, …).
     Json,
-}
-
-fn parse_port(value: &str) -> Result<u16, String> {
-    match value.parse::<u16>() {
-        Ok(0) => Err("port 0 is not a port a server listens on; use 1-65535".into()),
-        Ok(port) => Ok(port),
-        Err(_) => Err(format!("`{value}` is not a TCP port (1-65535)")),
-    }
-}
-
-/// A client prefix; a bare address means that one host. Says which part is wrong.
-fn parse_client_prefix(value: &str) -> Result<IpNet, String> {
-    let (addr, len) = match value.split_once('/') {
-        Some((addr, len)) => (addr, Some(len)),
-        None => (value, None),
-    };
-    let addr: std::net::IpAddr = addr
-        .parse()
-        .map_err(|_| format!("`{addr}` is not an IPv4 or IPv6 address"))?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    let len = match len {
-        None => max,
-        Some(len) => len
-            .parse::<u8>()
-            .ok()
-            .filter(|len| *len <= max)
-            .ok_or_else(|| format!("prefix length `/{len}` must be 0-{max} for {addr}"))?,
-    };
-    IpNet::new(addr, len).map_err(|e| e.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_prefixes_parse_with_clear_errors() {
-        assert_eq!(
-            parse_client_prefix("10.1.2.0/24").unwrap(),
-            "10.1.2.0/24".parse::<IpNet>().unwrap()
-        );
-        assert_eq!(
-            parse_client_prefix("fd00::7").unwrap(),
-            "fd00::7/128".parse::<IpNet>().unwrap()
-        );
-        assert!(
-            parse_client_prefix("10.0.0.0/33")
-                .unwrap_err()
-                .contains("0-32")
-        );
-        assert!(
-            parse_client_prefix("fd00::/129")
-                .unwrap_err()
-                .contains("0-128")
-        );
-        assert!(
-            parse_client_prefix("banana")
-                .unwrap_err()
-                .contains("banana")
-        );
-    }
-
-    #[test]
-    fn port_zero_is_refused() {
-        assert!(parse_port("0").unwrap_err().contains("port 0"));
-        assert_eq!(parse_port("5000"), Ok(5000));
-        assert!(parse_port("70000").is_err());
-    }
 }

@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => {
             logging::init(args.log_format);
-            let result = config::RunConfig::from_args(&args).and_then(|config| {
+            let result = config::RunConfig::load(&args).and_then(|config| {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?

@@ -11,6 +11,7 @@ use crate::{
     classifier::Classifier,
     config::RunConfig,
     events::StaleSyn,
+    preflight::KernelFeatures,
 };
 
 pub fn attached(config: &RunConfig, classifier: &Classifier, replay: Option<&str>) {
@@ -20,11 +21,26 @@ pub fn attached(config: &RunConfig, classifier: &Classifier, replay: Option<&str
         ports = %comma_list(&config.ports),
         clients = %comma_list(&config.clients),
         mode = %config.mode,
-        min_idle_ms = millis(config.min_idle),
+        min_idle_ms = millis(config.guards.min_idle),
+        per_client_limit = %config.guards.per_client_limit,
+        global_limit = %config.guards.global_limit,
         replay,
         program_id = classifier.program_id,
         attach = classifier.attach_kind,
         "watchdog attached"
+    );
+}
+
+pub fn features(features: &KernelFeatures) {
+    info!(
+        event = "features",
+        kernel = %features.release,
+        tc_bpf = features.tc_bpf,
+        ring_buffer = features.ring_buffer,
+        btf = features.btf,
+        attach = if features.tcx { "tcx" } else { "clsact" },
+        sock_destroy = %features.sock_destroy,
+        "kernel features"
     );
 }
 
@@ -108,6 +124,17 @@ pub fn replay(syn: &StaleSyn, replay: &Replay) {
             "could not re-inject the held SYN; the client's retransmission will bring it back"
         ),
     }
+}
+
+pub fn ring_buffer_overflow(new: u64, total: u64) {
+    warn!(
+        event = "ringbuf_full",
+        new, total, "the agent fell behind: stale SYNs went to the kernel unreported and unheld"
+    );
+}
+
+pub fn map_write_failed(error: &anyhow::Error) {
+    warn!(event = "map_write_failed", error = %format!("{error:#}"), "could not update a classifier map");
 }
 
 pub fn bad_record(error: &anyhow::Error) {
