@@ -102,6 +102,9 @@ pub mod classifier_action {
     pub const PASSED: u8 = 0;
     /// The SYN was dropped; its bytes are in the event and the agent must re-inject them.
     pub const HELD: u8 = 1;
+    /// The SYN went on to the kernel because the agent refused this tuple a moment ago (the
+    /// `REFUSED` map): reported so that every refusal is on record, but not judged again.
+    pub const BACKED_OFF: u8 = 2;
 }
 
 /// Address families as the kernel numbers them (`AF_INET`, `AF_INET6`).

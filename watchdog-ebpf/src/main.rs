@@ -44,9 +44,10 @@ static CLIENT_FILTER_ENABLED: Global<u8> = Global::new(0);
 #[unsafe(no_mangle)]
 static HOLD_ENABLED: Global<u8> = Global::new(0);
 
-/// Stale SYN reports for the agent. 1 MiB holds about 3,000 events with their packets.
+/// Stale SYN reports for the agent. 4 MiB holds about 12,000 events with their packets: a
+/// burst of spoofed SYNs is queued and judged, not dropped unreported.
 #[map(name = "EVENTS")]
-static EVENTS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -127,7 +128,12 @@ fn check_syn(ctx: &TcContext, syn: &Syn) -> i32 {
     // SAFETY: `event` points at a reserved, exclusively owned ring buffer record.
     let held = unsafe {
         fill_event(ctx, syn, &stale, event);
-        !recently_refused(syn) && hold_packet(ctx, event)
+        if recently_refused(syn) {
+            (*event).classifier_action = classifier_action::BACKED_OFF;
+            false
+        } else {
+            hold_packet(ctx, event)
+        }
     };
     entry.submit(0);
     if held {

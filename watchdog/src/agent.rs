@@ -19,7 +19,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 use tracing::info;
-use watchdog_common::{Counter, HEARTBEAT_INTERVAL_NS};
+use watchdog_common::{Counter, HEARTBEAT_INTERVAL_NS, classifier_action};
 
 use crate::{
     action::{self, DestroyOutcome, NotFound},
@@ -165,6 +165,12 @@ impl Agent {
 
     /// Looks the stale socket up, lets the guards judge it and destroys it if they allow.
     fn judge_and_destroy(&mut self, syn: &StaleSyn) -> Verdict {
+        if syn.raw.classifier_action == classifier_action::BACKED_OFF {
+            return Verdict::Refused {
+                reason: "backed off: this tuple was refused less than 1 s ago".into(),
+                idle: None,
+            };
+        }
         let started = Instant::now();
         let socket = match action::find_stale(&mut self.diag, syn) {
             Ok(socket) => socket,
