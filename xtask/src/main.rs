@@ -3,7 +3,8 @@
 //! - `build-ebpf` builds the classifier object, installing the toolchain parts it needs once;
 //! - `run` builds everything and runs the agent (`cargo xtask run -- run --iface eth0 --port 5000`);
 //! - `test` builds everything and runs every test, the end-to-end ones included (needs root);
-//! - `demo` plays the seed scenario in network namespaces, without and with the watchdog.
+//! - `demo` plays the seed scenario in network namespaces, without and with the watchdog;
+//! - `bench NAME` runs a benchmark program against release builds and prints its ratios.
 mod build_ebpf;
 mod toolchain;
 
@@ -44,6 +45,14 @@ enum Cmd {
     /// Show the seed scenario in network namespaces: the failure without the watchdog, the
     /// recovery with it; ends with one JSON line on stdout.
     Demo,
+    /// Run a benchmark (release builds): `reconnect` measures crash → reconnect per mode.
+    Bench {
+        /// Which benchmark.
+        name: String,
+        /// Extra arguments for the benchmark, after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -67,6 +76,17 @@ fn main() -> Result<()> {
             demo.args(["run", "--quiet", "-p", "watchdog-tests", "--bin", "demo"])
                 .env("WATCHDOG_BIN", &agent);
             run(&mut demo)
+        }
+        Cmd::Bench { name, args } => {
+            let agent = build_agent(true)?;
+            let mut bench = cargo();
+            bench
+                .args(["run", "--quiet", "--release", "-p", "watchdog-tests", "--bin", "bench"])
+                .arg("--")
+                .arg(name)
+                .args(args)
+                .env("WATCHDOG_BIN", &agent);
+            run(&mut bench)
         }
     }
 }
