@@ -2,7 +2,9 @@
 //!
 //! The agent's structured log on stderr is its contract with the tests: one JSON object per line
 //! with at least `event` and `message` (`attached`, `stale_syn`, `destroyed`, `would_destroy`,
-//! `destroy_failed`, `counters`, `detached`). The tests assert on those events, never on text.
+//! `destroy_failed`, `replayed`, `counters`, `detached`). The tests assert on those events, never
+//! on text. The tests also treat the agent roughly: [`Agent::kill`] (SIGKILL),
+//! [`Agent::sigstop`] and [`Agent::sigcont`] (a frozen agent).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -123,6 +125,22 @@ impl Agent {
             Some(path) => PathBuf::from(path),
             None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/watchdog"),
         }
+    }
+
+    /// Whether the agent binary knows the `watchdog run` flag `flag` (e.g. `--per-client-limit`),
+    /// from its `--help`: lets a long-lived tool such as the benchmark pass a flag only to the
+    /// agents that have it.
+    pub fn supports_flag(flag: &str) -> Result<bool> {
+        let bin = Agent::binary();
+        let out = Command::new(&bin)
+            .args(["run", "--help"])
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running `{} run --help`", bin.display()))?;
+        let help = String::from_utf8_lossy(&out.stdout);
+        Ok(help
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .any(|word| word == flag))
     }
 
     /// Starts `watchdog run <args...> --log-format json` in `net`'s server namespace and waits
@@ -258,12 +276,87 @@ impl Agent {
         render(&self.shared.lines())
     }
 
-    /// SIGTERM, then waits up to 5 s for a clean exit. Needing SIGKILL is an error (with the
-    /// output), since a clean detach is part of the agent's contract.
-    pub fn stop(mut self) -> Result<AgentExit> {
+    /// The kernel's id of the agent's classifier, from its `attached` event.
+    pub fn program_id(&self) -> Result<u32> {
+        let attached = self
+            .events("attached")
+            .into_iter()
+            .next()
+            .context("the agent logged no `attached` event")?;
+        attached
+            .get("program_id")
+            .and_then(Value::as_u64)
+            .and_then(|id| u32::try_from(id).ok())
+            .with_context(|| format!("no program_id in {attached}"))
+    }
+
+    /// Sends `signal` to the agent (still our unreaped child, so the pid is its own).
+    fn signal(&self, signal: libc::c_int) -> Result<()> {
         let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
-        // SAFETY: signalling our own child, which has not been reaped yet.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        // SAFETY: signalling our own child, which has not been reaped yet (`self` owns it).
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("sending signal {signal} to the agent (pid {pid})"));
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP: the agent freezes where it is. It refreshes no heartbeat and reads no event
+    /// until [`Agent::sigcont`]; its classifier stays attached.
+    pub fn sigstop(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)?;
+        // SIGSTOP takes effect asynchronously: wait until every thread is reported stopped.
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let mut states = Vec::new();
+            for task in std::fs::read_dir(&tasks).with_context(|| format!("listing {tasks}"))? {
+                let stat = task.context("reading a task entry")?.path().join("stat");
+                // A thread may exit between the listing and the read.
+                let Ok(text) = std::fs::read_to_string(&stat) else {
+                    continue;
+                };
+                // `tid (comm) S ...`: the state follows the last ')'.
+                let state = text
+                    .rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .unwrap_or("?")
+                    .to_owned();
+                states.push(state);
+            }
+            if !states.is_empty() && states.iter().all(|s| s == "T") {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("the agent is not stopped 1 s after SIGSTOP (thread states {states:?})");
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// SIGCONT: a frozen agent carries on.
+    pub fn sigcont(&self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    /// SIGKILL, like the OOM killer or `kill -9`: no clean-up runs. Reaps the process and
+    /// returns everything it printed (no `counters`, no `detached`).
+    pub fn kill(mut self) -> Result<AgentExit> {
+        self.signal(libc::SIGKILL)?;
+        let status = self.child.wait().context("reaping the killed agent")?;
+        self.join_readers();
+        Ok(AgentExit {
+            status,
+            lines: self.lines(),
+        })
+    }
+
+    /// SIGTERM, then waits up to 5 s for a clean exit. Needing SIGKILL is an error (with the
+    /// output), since a clean detach is part of the agent's contract. A frozen agent
+    /// ([`Agent::sigstop`]) is continued after the SIGTERM, so it handles it at once.
+    pub fn stop(mut self) -> Result<AgentExit> {
+        self.signal(libc::SIGTERM)?;
+        self.signal(libc::SIGCONT)?;
         let deadline = Instant::now() + STOP_TIMEOUT;
         let status = loop {
             if let Some(status) = self.child.try_wait().context("waiting for the agent")? {
@@ -331,6 +424,22 @@ fn read_lines(stream: Box<dyn Read + Send>, is_stderr: bool, shared: &Shared) {
     }
     shared.closed_streams.fetch_add(1, Ordering::AcqRel);
     shared.changed.notify_all();
+}
+
+/// `event[field]` as a string, or an error naming the event.
+pub fn str_field<'a>(event: &'a Value, field: &str) -> Result<&'a str> {
+    event
+        .get(field)
+        .and_then(Value::as_str)
+        .with_context(|| format!("field `{field}` missing or not a string in {event}"))
+}
+
+/// `event[field]` as a number, or an error naming the event.
+pub fn num_field(event: &Value, field: &str) -> Result<u64> {
+    event
+        .get(field)
+        .and_then(Value::as_u64)
+        .with_context(|| format!("field `{field}` missing or not a number in {event}"))
 }
 
 fn events_named(lines: &[AgentLine], name: &str) -> Vec<Value> {

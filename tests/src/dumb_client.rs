@@ -16,6 +16,11 @@
 //! With these rules the kernel's SYN retransmissions meet the stale socket again and again
 //! (6.x kernels: 1 s apart for the first `tcp_syn_linear_timeouts` = 4, then doubling): without
 //! the watchdog the client never gets back in.
+//!
+//! [`DumbClient::cooperative`] makes the baseline a modern stack achieves on its own: the crash
+//! is just as silent, but while it reconnects the client hears the challenge ACK and its RST
+//! leaves (its port is in the `cooperating` set, which lets outgoing RSTs pass), so the kernel's
+//! RFC 5961 recovery runs: RST, then the SYN again after `TCP_TIMEOUT_MIN`.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -35,8 +40,10 @@ const RULESET: &str = "
 table inet dumbclient {
     set fixed_ports { type inet_service; }
     set connecting { type inet_service; }
+    set cooperating { type inet_service; }
     chain output {
         type filter hook output priority 0; policy accept;
+        tcp sport @cooperating tcp flags & rst != 0 accept
         tcp sport @fixed_ports tcp flags & (fin | rst) != 0 drop
     }
     chain input {
@@ -52,8 +59,8 @@ table inet dumbclient {
 struct NftState {
     tables: HashSet<String>,
     fixed_ports: HashSet<(String, u16)>,
-    /// Reconnects in progress per (namespace, port): the port leaves `connecting` at zero.
-    connecting: HashMap<(String, u16), usize>,
+    /// Reconnects in progress per (namespace, set, port): the port leaves the set at zero.
+    reconnecting: HashMap<(String, &'static str, u16), usize>,
 }
 
 static NFT: Mutex<Option<NftState>> = Mutex::new(None);
@@ -91,54 +98,54 @@ fn install_rules(ns: &str, port: u16) -> Result<()> {
     Ok(())
 }
 
-/// While alive, incoming non-SYN-ACK segments to `port` are dropped in `ns`.
-struct IgnoreNonSynAck {
+/// While alive, `port` is in the nftables set `set` of `ns` (reference counted, so concurrent
+/// reconnects from the same port share it): `connecting` drops incoming non-SYN-ACK segments,
+/// `cooperating` lets outgoing RSTs pass.
+struct InSet {
     ns: String,
+    set: &'static str,
     port: u16,
 }
 
-impl IgnoreNonSynAck {
-    fn new(ns: &str, port: u16) -> Result<IgnoreNonSynAck> {
+impl InSet {
+    fn new(ns: &str, set: &'static str, port: u16) -> Result<InSet> {
         let mut guard = nft_state();
         let state = guard.get_or_insert_with(NftState::default);
-        let count = state.connecting.entry((ns.to_owned(), port)).or_insert(0);
+        let count = state
+            .reconnecting
+            .entry((ns.to_owned(), set, port))
+            .or_insert(0);
         if *count == 0 {
             let element = format!("{{ {port} }}");
             ns_exec(
                 ns,
                 "nft",
-                &[
-                    "add",
-                    "element",
-                    "inet",
-                    "dumbclient",
-                    "connecting",
-                    &element,
-                ],
+                &["add", "element", "inet", "dumbclient", set, &element],
             )
-            .with_context(|| format!("adding port {port} to the connecting set in {ns}"))?;
+            .with_context(|| format!("adding port {port} to the {set} set in {ns}"))?;
         }
         *count += 1;
-        Ok(IgnoreNonSynAck {
+        Ok(InSet {
             ns: ns.to_owned(),
+            set,
             port,
         })
     }
 }
 
-impl Drop for IgnoreNonSynAck {
+impl Drop for InSet {
     fn drop(&mut self) {
         let mut guard = nft_state();
         let Some(state) = guard.as_mut() else {
             return;
         };
-        let key = (self.ns.clone(), self.port);
-        let Some(count) = state.connecting.get_mut(&key) else {
+        let key = (self.ns.clone(), self.set, self.port);
+        let Some(count) = state.reconnecting.get_mut(&key) else {
             return;
         };
         *count -= 1;
         if *count == 0 {
-            state.connecting.remove(&key);
+            state.reconnecting.remove(&key);
             let element = format!("{{ {} }}", self.port);
             if let Err(e) = ns_exec(
                 &self.ns,
@@ -148,7 +155,7 @@ impl Drop for IgnoreNonSynAck {
                     "element",
                     "inet",
                     "dumbclient",
-                    "connecting",
+                    self.set,
                     &element,
                 ],
             ) {
@@ -164,6 +171,8 @@ pub struct DumbClient {
     ns: String,
     server: SocketAddr,
     local: SocketAddr,
+    /// Answers the challenge ACK while it reconnects (see [`DumbClient::cooperative`]).
+    cooperative: bool,
 }
 
 /// What one reconnect attempt achieved before its deadline.
@@ -193,7 +202,25 @@ impl DumbClient {
             ns: net.client_ns().to_owned(),
             server,
             local: net.client_addr(family, local_port),
+            cooperative: false,
         })
+    }
+
+    /// The same fixed-port client with a modern Linux stack's manners while it reconnects: its
+    /// crash is still silent, but during [`DumbClient::reconnect`] it sees the server's
+    /// challenge ACK, answers it with a RST (which resets the stale socket) and re-sends its SYN
+    /// about 10 ms later: the kernel's own RFC 5961 recovery, the baseline a watchdog competes
+    /// with. Do not mix it with a dumb client on the same port in one namespace.
+    pub fn cooperative(net: &TestNet, server: SocketAddr, local_port: u16) -> Result<DumbClient> {
+        Ok(DumbClient {
+            cooperative: true,
+            ..DumbClient::new(net, server, local_port)?
+        })
+    }
+
+    /// Whether this client answers challenge ACKs while it reconnects.
+    pub fn is_cooperative(&self) -> bool {
+        self.cooperative
     }
 
     /// The client's `ip:port`, as the server and the agent see it.
@@ -234,7 +261,13 @@ impl DumbClient {
     /// Connects again from the fixed port, as the rebooted client does, waiting at most
     /// `deadline`. Not connecting is an outcome, not an error.
     pub fn reconnect(&self, deadline: Duration) -> Result<ReconnectOutcome> {
-        let _ignore_acks = IgnoreNonSynAck::new(&self.ns, self.local.port())?;
+        // Dumb: deaf to the challenge ACK. Cooperative: its RST in answer may leave.
+        let set = if self.cooperative {
+            "cooperating"
+        } else {
+            "connecting"
+        };
+        let _rules = InSet::new(&self.ns, set, self.local.port())?;
         let socket = self.fixed_port_socket()?;
         socket.set_nonblocking(true).context("O_NONBLOCK")?;
         let start = Instant::now();

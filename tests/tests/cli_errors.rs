@@ -11,9 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use aya::programs::{SchedClassifier, TcAttachType};
 use serde_json::Value;
-use watchdog_tests::{Agent, TestNet, ns_exec, require_root, run_in_ns};
+use watchdog_tests::{Agent, TestNet, assert_nothing_attached, require_root, tcx_ingress_programs};
 
 /// How long a refused start may take before the test calls it a hang.
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -97,46 +96,6 @@ fn assert_refused(refusal: &Refusal, needles: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Ids of the programs attached to the server veth's TCX ingress hook.
-fn tcx_ingress_programs(net: &TestNet) -> Result<Vec<u32>> {
-    let iface = net.server_iface().to_owned();
-    run_in_ns(net.server_ns(), move || {
-        let (_revision, programs) = SchedClassifier::query_tcx(&iface, TcAttachType::Ingress)
-            .with_context(|| format!("querying the TCX ingress programs of {iface}"))?;
-        Ok(programs.iter().map(|p| p.id()).collect())
-    })
-}
-
-/// Nothing of the agent is left on the server veth: no TCX program, no `clsact` qdisc.
-fn assert_nothing_attached(net: &TestNet) -> Result<()> {
-    let programs = tcx_ingress_programs(net)?;
-    ensure!(
-        programs.is_empty(),
-        "programs still attached to {} ingress: {programs:?}",
-        net.server_iface()
-    );
-    let qdiscs = ns_exec(
-        net.server_ns(),
-        "tc",
-        &["qdisc", "show", "dev", net.server_iface()],
-    )?;
-    ensure!(
-        !qdiscs.contains("clsact"),
-        "a clsact qdisc was left on {}:\n{qdiscs}",
-        net.server_iface()
-    );
-    Ok(())
-}
-
-/// The agent's program, from its `attached` event.
-fn program_id(attached: &Value) -> Result<u32> {
-    attached
-        .get("program_id")
-        .and_then(Value::as_u64)
-        .and_then(|id| u32::try_from(id).ok())
-        .with_context(|| format!("no program_id in {attached}"))
-}
-
 /// The control: the check sees the agent's program while it runs, and nothing after SIGTERM.
 #[test]
 fn a_running_agent_is_seen_attached_and_detaches_on_sigterm() -> Result<()> {
@@ -149,7 +108,7 @@ fn a_running_agent_is_seen_attached_and_detaches_on_sigterm() -> Result<()> {
     let attached = agent.wait_for_event("attached", Duration::from_secs(1))?;
     let programs = tcx_ingress_programs(&net)?;
     ensure!(
-        programs == vec![program_id(&attached)?],
+        programs == vec![agent.program_id()?],
         "expected exactly the agent's program on {} ingress, found {programs:?}; attached: {attached}",
         net.server_iface()
     );

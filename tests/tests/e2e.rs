@@ -4,17 +4,15 @@
 //! built first (`cargo xtask test` does it); set `WATCHDOG_BIN` to use another one.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use watchdog_tests::{
-    Agent, AgentExit, AgentLine, Bind, CloseHow, Connection, DumbClient, ECONNABORTED, Family,
-    GREETING, LegacyServer, SynCapture, TestNet, connect_healthy, establish_and_crash, ns_exec,
-    parse_syn, require_root, scenario, send_frame,
+    Agent, AgentExit, AgentLine, Bind, CloseHow, DumbClient, ECONNABORTED, Family, GREETING,
+    HealthyTraffic, LegacyServer, SynCapture, TestNet, connect_healthy, establish_and_crash,
+    ns_exec, num_field, parse_syn, require_root, scenario, send_frame, str_field,
 };
 
 /// The port the agent watches.
@@ -25,12 +23,14 @@ const UNWATCHED: u16 = 5001;
 const FIXED: u16 = scenario::FIXED_PORT;
 const SHORT: Duration = Duration::from_secs(2);
 
-/// `--iface <server veth> --port <port> --mode destroy`: these tests are about detecting and
-/// destroying the stale socket, so the client reconnects on its own SYN retransmission.
-/// Holding and replaying the SYN (the default mode) is tested in `replay.rs`.
+/// `--iface <server veth> --port <port> --mode destroy --min-idle 0s`: these tests are about
+/// detecting and destroying the stale socket, so the client reconnects on its own SYN
+/// retransmission. Holding and replaying the SYN (the default mode) is tested in `replay.rs`.
+/// The idle guard is off: the client crashes right after it sent, and the guard has tests of
+/// its own.
 fn watch_args(net: &TestNet, port: &str) -> Vec<String> {
     let mut args = scope_args(net, port);
-    args.extend(["--mode".into(), "destroy".into()]);
+    args.extend(["--mode", "destroy", "--min-idle", "0s"].map(String::from));
     args
 }
 
@@ -56,13 +56,6 @@ fn stop_agent(agent: Agent) -> Result<AgentExit> {
     ensure!(exit.status.success(), "agent exited with {}", exit.status);
     check_log_contract(&exit)?;
     Ok(exit)
-}
-
-fn str_field<'a>(event: &'a Value, field: &str) -> Result<&'a str> {
-    event
-        .get(field)
-        .and_then(Value::as_str)
-        .with_context(|| format!("field `{field}` missing or not a string in {event}"))
 }
 
 /// Checks an event's `client` and `server` fields (Rust `SocketAddr` Display).
@@ -93,13 +86,6 @@ fn mentions(event: &Value, field: &str, needle: &str) -> bool {
         Some(other) => is(other),
         None => false,
     }
-}
-
-fn num_field(event: &Value, field: &str) -> Result<u64> {
-    event
-        .get(field)
-        .and_then(Value::as_u64)
-        .with_context(|| format!("field `{field}` missing or not a number in {event}"))
 }
 
 /// Every line of the contract has `event` and `message`; `counters` has all five numbers.
@@ -315,31 +301,13 @@ fn healthy_connections_and_unwatched_ports_are_untouched() -> Result<()> {
     let agent = start_agent(&net, &watch_args(&net, "5000"))?;
 
     // Healthy peers from ephemeral ports keep talking to the watched port throughout.
-    let mut healthy = Vec::new();
-    for _ in 0..4 {
-        let conn = connect_healthy(&net, net.server_addr(Family::V4, WATCHED), SHORT)?;
-        let peer = conn.local_addr();
-        let accepted = watched.wait_accepted(|a| a.peer == peer, SHORT)?;
-        healthy.push((conn, accepted.id));
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let sender_stop = Arc::clone(&stop);
-    // Returns the connections too: dropping them would close them.
-    let sender = thread::spawn(move || -> Result<Vec<(Connection, u64, u64)>> {
-        let mut sent = vec![0u64; healthy.len()];
-        while !sender_stop.load(Ordering::Relaxed) {
-            for (i, (conn, _)) in healthy.iter_mut().enumerate() {
-                conn.send(b"ping\n")?;
-                sent[i] += 5;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        Ok(healthy
-            .into_iter()
-            .zip(sent)
-            .map(|((conn, id), n)| (conn, id, n))
-            .collect())
-    });
+    let healthy = HealthyTraffic::start(
+        &net,
+        &watched,
+        net.server_addr(Family::V4, WATCHED),
+        4,
+        Duration::from_millis(20),
+    )?;
 
     // The same crash on both ports, then both clients reboot at once.
     let client_w = DumbClient::new(&net, net.server_addr(Family::V4, WATCHED), FIXED)?;
@@ -353,11 +321,6 @@ fn healthy_connections_and_unwatched_ports_are_untouched() -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("reconnect thread panicked"))??;
 
-    stop.store(true, Ordering::Relaxed);
-    let sent = sender
-        .join()
-        .map_err(|_| anyhow::anyhow!("sender thread panicked"))??;
-
     ensure!(
         out_w.connected,
         "watched client did not reconnect:\n{}",
@@ -370,22 +333,13 @@ fn healthy_connections_and_unwatched_ports_are_untouched() -> Result<()> {
     let closed_w = watched.wait_closed_id(stale_w.id, SHORT)?;
     ensure!(closed_w.how == CloseHow::Error(ECONNABORTED));
 
-    // Every healthy connection is open and has read everything that was sent.
-    for (_conn, id, bytes) in &sent {
-        let (id, bytes) = (*id, *bytes);
-        ensure!(bytes > 0, "the sender never ran");
-        ensure!(
-            watched.is_open(id),
-            "healthy connection #{id} was closed: {:?}",
-            watched.events()
-        );
-        watched.wait_bytes(id, bytes, SHORT)?;
-    }
     ensure!(
         watched.closed().len() == 1,
         "only the stale connection may end: {:?}",
         watched.closed()
     );
+    // Every healthy connection is open and has read everything that was sent.
+    healthy.finish(&watched)?;
     ensure!(
         unwatched.closed().is_empty() && unwatched.is_open(stale_u.id),
         "the unwatched port's stale socket was touched: {:?}",

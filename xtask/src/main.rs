@@ -81,7 +81,15 @@ fn main() -> Result<()> {
             let agent = build_agent(true)?;
             let mut bench = cargo();
             bench
-                .args(["run", "--quiet", "--release", "-p", "watchdog-tests", "--bin", "bench"])
+                .args([
+                    "run",
+                    "--quiet",
+                    "--release",
+                    "-p",
+                    "watchdog-tests",
+                    "--bin",
+                    "bench",
+                ])
                 .arg("--")
                 .arg(name)
                 .args(args)
