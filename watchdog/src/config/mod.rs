@@ -69,7 +69,7 @@ impl Default for GuardConfig {
     /// clients, looks like an attack rather than a power cut.
     fn default() -> Self {
         GuardConfig {
-            min_idle: Duration::ZERO, // TEMPORARY: 1 s once the test bed's clients go silent first
+            min_idle: Duration::from_secs(1),
             per_client_limit: RateLimit {
                 count: 5,
                 period: Duration::from_secs(10),
