@@ -159,11 +159,15 @@ impl Agent {
             );
         }
         let bin = bin.to_string_lossy().into_owned();
-        let mut full: Vec<&str> = vec!["netns", "exec", net.server_ns(), &bin, "run"];
+        // `nsenter --net` switches only the network namespace, as a systemd unit with
+        // NetworkNamespacePath= does; `ip netns exec` would also remount /sys and hide the
+        // cgroup v2 mount that the per-port timers attach to.
+        let netns = format!("--net=/run/netns/{}", net.server_ns());
+        let mut full: Vec<&str> = vec![&netns, &bin, "run"];
         full.extend_from_slice(args);
         full.extend_from_slice(&["--log-format", "json"]);
-        let command = format!("ip {}", full.join(" "));
-        let mut child = Command::new("ip")
+        let command = format!("nsenter {}", full.join(" "));
+        let mut child = Command::new("nsenter")
             .args(&full)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -209,7 +213,7 @@ impl Agent {
         }
     }
 
-    /// The agent's pid (`ip netns exec` execs the agent in place).
+    /// The agent's pid (`nsenter` execs the agent in place).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

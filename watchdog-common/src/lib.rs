@@ -27,8 +27,17 @@ pub mod names {
     pub const REFUSED: &str = "REFUSED";
     /// Read-only global `u8`: 1 when stale SYNs are held for replay (`--mode replay`).
     pub const HOLD_ENABLED: &str = "HOLD_ENABLED";
+    /// `HashMap<u16, PortTimers>`: keepalive and user-timeout settings per watched port.
+    pub const PORT_TIMERS: &str = "PORT_TIMERS";
+    /// `RingBuf`: one [`super::ConnectionClosed`] per timed connection that ends abruptly.
+    pub const CLOSES: &str = "CLOSES";
+    /// Read-only global `u64`: the network namespace (`SO_NETNS_COOKIE`) whose sockets the
+    /// sock_ops program serves; it runs for a whole cgroup, across namespaces.
+    pub const TIMERS_NETNS_COOKIE: &str = "TIMERS_NETNS_COOKIE";
     /// The TC classifier program.
     pub const CLASSIFIER: &str = "stale_syn_classifier";
+    /// The sock_ops program that sets per-port timers as connections are established.
+    pub const PORT_TIMERS_PROGRAM: &str = "port_timers";
     /// The XDP program the agent runs with `BPF_F_TEST_XDP_LIVE_FRAMES` to re-inject a held SYN
     /// as if it had just arrived on its original interface. Never attached.
     pub const REPLAY_PASS: &str = "replay_pass";
@@ -64,11 +73,17 @@ pub enum Counter {
     ReplaysPassed = 6,
     /// Stale SYNs passed instead of held because the agent's heartbeat was stale.
     HeartbeatStale = 7,
+    /// Connections on timed ports whose keepalive / user timeout were set.
+    TimersApplied = 8,
+    /// Connections on timed ports where the kernel refused a `bpf_setsockopt`.
+    TimersFailed = 9,
+    /// Timed connections that went from ESTABLISHED straight to CLOSE (timeout, reset, abort).
+    AbruptCloses = 10,
 }
 
 impl Counter {
     /// Number of counters, the size of the `COUNTERS` map.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 11;
     /// All counters in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PacketsSeen,
@@ -79,6 +94,9 @@ impl Counter {
         Counter::Held,
         Counter::ReplaysPassed,
         Counter::HeartbeatStale,
+        Counter::TimersApplied,
+        Counter::TimersFailed,
+        Counter::AbruptCloses,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -92,6 +110,9 @@ impl Counter {
             Counter::Held => "held",
             Counter::ReplaysPassed => "replays_passed",
             Counter::HeartbeatStale => "heartbeat_stale",
+            Counter::TimersApplied => "timers_applied",
+            Counter::TimersFailed => "timers_failed",
+            Counter::AbruptCloses => "abrupt_closes",
         }
     }
 }
@@ -199,6 +220,49 @@ impl StaleSynEvent {
     }
 }
 
+/// Keepalive and user-timeout settings for one port, applied by the sock_ops program to each
+/// connection of that port as it is established. A zero field leaves the host default.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortTimers {
+    /// `TCP_KEEPIDLE` (s); non-zero switches `SO_KEEPALIVE` on.
+    pub keepalive_idle_s: u32,
+    /// `TCP_KEEPINTVL` (s).
+    pub keepalive_interval_s: u32,
+    /// `TCP_KEEPCNT`.
+    pub keepalive_count: u32,
+    /// `TCP_USER_TIMEOUT` (ms).
+    pub user_timeout_ms: u32,
+    /// Also time connections this host opens *to* the port (active side).
+    pub include_active: u32,
+}
+
+/// A timed connection that went from ESTABLISHED straight to CLOSE: a timeout (the peer is
+/// dead), a reset from the peer, or an abort (`ss -K`, the watchdog's own destroy).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionClosed {
+    /// `CLOCK_MONOTONIC` ns of the state change.
+    pub seen_ns: u64,
+    pub bytes_received: u64,
+    /// The peer; IPv4 as IPv4-mapped IPv6.
+    pub remote_addr: [u8; 16],
+    /// This host's end.
+    pub local_addr: [u8; 16],
+    pub remote_port: u16,
+    pub local_port: u16,
+    /// `AF_INET` or `AF_INET6` of the socket.
+    pub family: u8,
+    /// 1 when this host opened the connection.
+    pub active: u8,
+    pub _pad: [u8; 2],
+    /// Segments sent and not yet acknowledged: non-zero means the peer stopped acknowledging.
+    pub packets_out: u32,
+    pub total_retrans: u32,
+    pub data_segs_in: u32,
+    pub _pad2: u32,
+}
+
 /// A connection's 4-tuple, addresses and ports as in [`StaleSynEvent`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -227,6 +291,8 @@ pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
 // Layout checks: a change here must be a deliberate change on both sides.
 const _: () = assert!(core::mem::size_of::<StaleSynEvent>() == 80 + MAX_HELD_PACKET);
 const _: () = assert!(core::mem::size_of::<TupleKey>() == 36);
+const _: () = assert!(core::mem::size_of::<PortTimers>() == 20);
+const _: () = assert!(core::mem::size_of::<ConnectionClosed>() == 72);
 const _: () = assert!(core::mem::size_of::<ReplayKey>() == 40);
 
 #[cfg(feature = "user")]
@@ -235,4 +301,6 @@ mod pod {
     unsafe impl aya::Pod for super::StaleSynEvent {}
     unsafe impl aya::Pod for super::ReplayKey {}
     unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for super::PortTimers {}
+    unsafe impl aya::Pod for super::ConnectionClosed {}
 }

@@ -20,6 +20,7 @@
 
 mod packet;
 mod socket;
+mod timers;
 
 use aya_ebpf::{
     Global,
@@ -237,7 +238,7 @@ fn agent_alive() -> bool {
 }
 
 #[inline(always)]
-fn count(counter: Counter) {
+pub(crate) fn count(counter: Counter) {
     if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot; this program is the only writer on this CPU.
         unsafe { *value += 1 };

@@ -25,6 +25,7 @@ use crate::{
     action::{self, DestroyOutcome, NotFound},
     classifier::Classifier,
     config::{Mode, RunConfig},
+    dead_peers::{self, DeadPeers},
     events::{StaleSyn, monotonic_ns},
     guard::{Decision, Guards},
     inject::Injector,
@@ -38,6 +39,8 @@ use crate::{
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(20);
 /// How often the ring buffer's overflow counter is read; an increase is reported.
 const OVERFLOW_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often timed connections' `tcp_info` is sampled, to explain their deaths.
+const TIMED_SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a refused tuple's SYNs go to the kernel instead of being held.
 const REFUSAL_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -57,6 +60,11 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let mut events = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
         .context("polling the ring buffer")?;
+    let closes = classifier.take_closes()?;
+    // SAFETY: as for `events`.
+    let mut closes = unsafe { AsyncFd::register_with_interest(closes, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .context("polling the close ring buffer")?;
     let injector = match config.mode {
         Mode::Replay => Some(Injector::probe(
             classifier.replay_program()?,
@@ -65,6 +73,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         Mode::Observe | Mode::Destroy => None,
     };
     let mut agent = Agent {
+        dead_peers: DeadPeers::new(config.timers.ports.clone()),
         guards: Guards::new(&config, Instant::now()),
         overflows_seen: 0,
         config,
@@ -81,12 +90,20 @@ pub async fn run(config: RunConfig) -> Result<()> {
 
     let mut heartbeat = tokio::time::interval(Duration::from_nanos(HEARTBEAT_INTERVAL_NS));
     let mut overflow_check = tokio::time::interval(OVERFLOW_CHECK_INTERVAL);
+    let mut timed_sample = tokio::time::interval(TIMED_SAMPLE_INTERVAL);
+    let timers_on = agent.dead_peers.enabled();
     loop {
         tokio::select! {
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             _ = heartbeat.tick() => agent.beat()?,
             _ = overflow_check.tick() => agent.check_overflow(),
+            _ = timed_sample.tick(), if timers_on => agent.sample_timed(),
+            ready = closes.readable_mut() => {
+                let mut ready = ready.context("waiting on the close ring buffer")?;
+                agent.drain_closes(ready.get_inner_mut());
+                ready.clear_ready();
+            }
             ready = events.readable_mut() => {
                 let mut ready = ready.context("waiting on the ring buffer")?;
                 agent.drain(ready.get_inner_mut());
@@ -112,6 +129,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
 struct Agent {
     config: RunConfig,
     guards: Guards,
+    dead_peers: DeadPeers,
     /// `ringbuf_full` as last reported.
     overflows_seen: u64,
     diag: SockDiag,
@@ -133,6 +151,26 @@ impl Agent {
         if full > self.overflows_seen {
             report::ring_buffer_overflow(full - self.overflows_seen, full);
             self.overflows_seen = full;
+        }
+    }
+
+    fn sample_timed(&mut self) {
+        if let Err(error) = self.dead_peers.sample(&mut self.diag) {
+            report::sample_failed(&error);
+        }
+    }
+
+    fn drain_closes(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(record) = ring.next() {
+            match dead_peers::decode(&record) {
+                Ok(closed) => {
+                    drop(record);
+                    if let Some(dead) = self.dead_peers.explain(&closed) {
+                        report::dead_peer(&dead);
+                    }
+                }
+                Err(error) => report::bad_record(&error),
+            }
         }
     }
 
@@ -189,12 +227,15 @@ impl Agent {
             };
         }
         match action::destroy(&mut self.diag, syn, &socket) {
-            DestroyOutcome::Destroyed { took } => Verdict::Destroyed {
-                idle: socket.idle,
-                lookup,
-                destroy: took,
-                since_seen: since_seen(syn),
-            },
+            DestroyOutcome::Destroyed { took } => {
+                self.dead_peers.note_own_destroy(syn.server, syn.client);
+                Verdict::Destroyed {
+                    idle: socket.idle,
+                    lookup,
+                    destroy: took,
+                    since_seen: since_seen(syn),
+                }
+            }
             DestroyOutcome::AlreadyGone(reason) => Verdict::AlreadyGone(reason),
             DestroyOutcome::Failed(error) => Verdict::Failed(error),
         }

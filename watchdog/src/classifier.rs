@@ -1,19 +1,22 @@
-//! Loading and attaching the eBPF classifier embedded in this binary, and reading its maps.
+//! Loading and attaching the eBPF object embedded in this binary, and reading its maps: the TC
+//! classifier, the XDP replay program and, when per-port timers are configured, the sock_ops
+//! program that sets them.
 //!
-//! Dropping [`Classifier`] detaches it from every interface: TCX links (kernel ≥ 6.6) are owned
-//! by file descriptors, netlink (clsact) filters are removed by aya on drop.
-use anyhow::bail;
-use anyhow::{Context, Result};
+//! Dropping [`Classifier`] detaches everything: TCX and cgroup links (kernel ≥ 6.6 / 5.7) are
+//! owned by file descriptors, netlink (clsact) filters are removed by aya on drop.
+use std::{fs::File, os::fd::AsRawFd, path::PathBuf};
+
+use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{SchedClassifier, TcAttachType, Xdp, tc},
+    programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, Xdp, tc},
     util::KernelVersion,
 };
 use ipnet::IpNet;
-use watchdog_common::{Counter, ReplayKey, TupleKey, names};
+use watchdog_common::{Counter, PortTimers, ReplayKey, TupleKey, names};
 
-use crate::config::{Interface, Mode, RunConfig};
+use crate::config::{Interface, Mode, RunConfig, TimerConfig};
 
 /// The classifier's name as the kernel keeps it (`BPF_OBJ_NAME_LEN` is 16 with the NUL).
 const KERNEL_PROGRAM_NAME: &str = "stale_syn_class";
@@ -38,9 +41,11 @@ impl Classifier {
     pub fn attach(config: &RunConfig) -> Result<Self> {
         let client_filter: u8 = u8::from(!config.clients.is_empty());
         let hold: u8 = u8::from(config.mode == Mode::Replay);
+        let netns_cookie = own_netns_cookie()?;
         let mut ebpf = EbpfLoader::new()
             .override_global(names::CLIENT_FILTER_ENABLED, &client_filter, true)
             .override_global(names::HOLD_ENABLED, &hold, true)
+            .override_global(names::TIMERS_NETNS_COOKIE, &netns_cookie, true)
             .load(OBJECT)
             .context(
                 "loading the eBPF classifier failed: the kernel needs BPF \
@@ -60,6 +65,8 @@ impl Classifier {
                 .insert(&Key::new(prefix_len, addr), 1, 0)
                 .context("filling CLIENT_PREFIXES")?;
         }
+
+        attach_port_timers(&mut ebpf, &config.timers)?;
 
         let replay: &mut Xdp = ebpf
             .program_mut(names::REPLAY_PASS)
@@ -137,6 +144,15 @@ impl Classifier {
             .try_into()?)
     }
 
+    /// Takes the ring buffer of abrupt closes of timed connections (once).
+    pub fn take_closes(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(names::CLOSES)
+            .context("the eBPF object has no CLOSES ring buffer")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
     /// Takes the ring buffer of stale SYN events (once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
         let map = self
@@ -164,6 +180,101 @@ impl Classifier {
             .collect()
     }
 }
+
+/// Fills `PORT_TIMERS` and attaches the sock_ops program to the configured cgroup; does
+/// nothing when no port has timers (the feature is off unless configured).
+fn attach_port_timers(ebpf: &mut Ebpf, timers: &TimerConfig) -> Result<()> {
+    if timers.ports.is_empty() {
+        return Ok(());
+    }
+    let mut map: HashMap<_, u16, PortTimers> = HashMap::try_from(map(ebpf, names::PORT_TIMERS)?)?;
+    for (port, config) in &timers.ports {
+        let keepalive = config.keepalive;
+        let value = PortTimers {
+            keepalive_idle_s: keepalive.map_or(0, |k| k.idle.as_secs() as u32),
+            keepalive_interval_s: keepalive.map_or(0, |k| k.interval.as_secs() as u32),
+            keepalive_count: keepalive.map_or(0, |k| k.count),
+            user_timeout_ms: config.user_timeout.map_or(0, |d| d.as_millis() as u32),
+            include_active: u32::from(config.include_active),
+        };
+        map.insert(port, value, 0).context("filling PORT_TIMERS")?;
+    }
+    let path = match &timers.cgroup {
+        Some(path) => path.clone(),
+        None => cgroup2_root()?,
+    };
+    let cgroup = File::open(&path).with_context(|| {
+        format!(
+            "opening the cgroup {} for --keepalive/--user-timeout",
+            path.display()
+        )
+    })?;
+    let program: &mut SockOps = ebpf
+        .program_mut(names::PORT_TIMERS_PROGRAM)
+        .context("the eBPF object has no sock_ops program")?
+        .try_into()?;
+    program
+        .load()
+        .context("loading the sock_ops program (needs CONFIG_CGROUP_BPF)")?;
+    // A cgroup bpf_link (≥ 5.7) always coexists with other programs and takes no flags; the
+    // older attach needs BPF_F_ALLOW_MULTI for that.
+    let mode = if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 7, 0)) {
+        CgroupAttachMode::Single
+    } else {
+        CgroupAttachMode::AllowMultiple
+    };
+    program
+        .attach(&cgroup, mode)
+        .with_context(|| format!("attaching sock_ops to {}", path.display()))?;
+    Ok(())
+}
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup` on most systems, `/sys/fs/cgroup/unified` on
+/// hybrid ones.
+fn cgroup2_root() -> Result<PathBuf> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .context(
+            "--keepalive/--user-timeout need cgroup v2, which is not mounted here; mount it, \
+             or pass --cgroup (`ip netns exec` gives the agent a private /sys without it: \
+             enter the namespace with `nsenter --net=/run/netns/NAME` instead)",
+        )
+}
+
+/// This network namespace's cookie (`SO_NETNS_COOKIE`, Linux ≥ 5.14): the sock_ops program
+/// runs for a whole cgroup and must leave other namespaces' sockets alone.
+fn own_netns_cookie() -> Result<u64> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
+        .context("opening a socket to read the network namespace cookie")?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, out pointer and length.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("reading SO_NETNS_COOKIE (Linux ≥ 5.14)");
+    }
+    Ok(cookie)
+}
+
+/// `SO_NETNS_COOKIE` from `asm-generic/socket.h`.
+const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// Two agents on one interface would both hold and replay every stale SYN.
 fn refuse_second_agent(iface: &Interface) -> Result<()> {

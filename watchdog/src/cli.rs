@@ -7,7 +7,7 @@ use ipnet::IpNet;
 
 use crate::config::{
     Mode,
-    values::{self, RateLimit},
+    values::{self, Keepalive, RateLimit},
 };
 
 #[derive(Debug, Parser)]
@@ -66,6 +66,25 @@ pub struct RunArgs {
     /// Destroys allowed across all clients, as COUNT/PERIOD [default: 1000/10s].
     #[arg(long, value_name = "RATE")]
     pub global_limit: Option<RateLimit>,
+
+    /// Keepalive for the watched ports' connections, as IDLE,INTERVAL,COUNT (e.g. `5s,1s,3`);
+    /// set per socket at establishment, no sysctl touched [default: host defaults].
+    #[arg(long, value_name = "TIMERS")]
+    pub keepalive: Option<Keepalive>,
+
+    /// TCP_USER_TIMEOUT for the watched ports' connections: how long sent data may stay
+    /// unacknowledged before the connection is dropped (e.g. `10s`) [default: host default].
+    #[arg(long, value_name = "DURATION", value_parser = values::user_timeout)]
+    pub user_timeout: Option<Duration>,
+
+    /// Also apply --keepalive/--user-timeout to connections this host opens to the ports.
+    #[arg(long)]
+    pub timers_on_active: bool,
+
+    /// The cgroup (v2) whose processes' connections get the timers [default: the cgroup v2
+    /// root, every process; the port and network namespace still select the connections].
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
 
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]

@@ -3,12 +3,14 @@
 //! The data path, one module each:
 //! packet → classifier (`watchdog-ebpf`, loaded by [`classifier`]) → ring buffer ([`events`])
 //! → decision ([`guard`]) → action ([`action`] through [`sock_diag`]; [`inject`] for held
-//! SYNs) → log ([`report`]), driven by the loop in [`agent`].
+//! SYNs) → log ([`report`]), driven by the loop in [`agent`]. Beside it, per-port keepalive
+//! and user timeout: a sock_ops program sets them, [`dead_peers`] explains the deaths.
 mod action;
 mod agent;
 mod classifier;
 mod cli;
 mod config;
+mod dead_peers;
 mod events;
 mod guard;
 mod inject;

@@ -9,7 +9,8 @@ use watchdog_common::Counter;
 use crate::{
     agent::{Replay, Verdict},
     classifier::Classifier,
-    config::RunConfig,
+    config::{PortTimerConfig, RunConfig},
+    dead_peers::{Cause, DeadPeer},
     events::StaleSyn,
     preflight::KernelFeatures,
 };
@@ -24,6 +25,7 @@ pub fn attached(config: &RunConfig, classifier: &Classifier, replay: Option<&str
         min_idle_ms = millis(config.guards.min_idle),
         per_client_limit = %config.guards.per_client_limit,
         global_limit = %config.guards.global_limit,
+        timers = %comma_list(config.timers.ports.iter().map(|(port, t)| describe_timers(*port, t))),
         replay,
         program_id = classifier.program_id,
         attach = classifier.attach_kind,
@@ -137,6 +139,33 @@ pub fn map_write_failed(error: &anyhow::Error) {
     warn!(event = "map_write_failed", error = %format!("{error:#}"), "could not update a classifier map");
 }
 
+pub fn dead_peer(dead: &DeadPeer) {
+    let cause = match dead.cause {
+        Cause::Keepalive { .. } => "keepalive",
+        Cause::Unacknowledged { .. } => "user_timeout",
+        Cause::ResetOrAborted => "reset",
+    };
+    let event = if dead.cause == Cause::ResetOrAborted {
+        "connection_reset"
+    } else {
+        "peer_dead"
+    };
+    info!(
+        event,
+        client = %dead.client,
+        server = %dead.server,
+        cause,
+        idle_ms = dead.idle.map(millis),
+        bytes_received = dead.bytes_received,
+        reason = %dead.reason(),
+        "a timed connection ended"
+    );
+}
+
+pub fn sample_failed(error: &anyhow::Error) {
+    warn!(event = "sample_failed", error = %format!("{error:#}"), "could not sample timed connections");
+}
+
 pub fn bad_record(error: &anyhow::Error) {
     warn!(event = "bad_record", error = %error, "skipped a ring buffer record");
 }
@@ -165,8 +194,31 @@ pub fn counters(counters: Result<Vec<(Counter, u64)>>) {
         held = get(Counter::Held),
         replays_passed = get(Counter::ReplaysPassed),
         heartbeat_stale = get(Counter::HeartbeatStale),
+        timers_applied = get(Counter::TimersApplied),
+        timers_failed = get(Counter::TimersFailed),
+        abrupt_closes = get(Counter::AbruptCloses),
         "classifier counters"
     );
+}
+
+/// `5000:keepalive=5s/1s/3+user_timeout=10000ms`: one port's timers in one word.
+fn describe_timers(port: u16, timers: &PortTimerConfig) -> String {
+    let mut parts = Vec::new();
+    if let Some(k) = timers.keepalive {
+        parts.push(format!(
+            "keepalive={}s/{}s/{}",
+            k.idle.as_secs(),
+            k.interval.as_secs(),
+            k.count
+        ));
+    }
+    if let Some(t) = timers.user_timeout {
+        parts.push(format!("user_timeout={}ms", t.as_millis()));
+    }
+    if timers.include_active {
+        parts.push("active".into());
+    }
+    format!("{port}:{}", parts.join("+"))
 }
 
 /// `a,b,c`: list fields stay plain strings in both log formats.

@@ -15,8 +15,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-    NetlinkSerializable,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, NetlinkSerializable,
 };
 use netlink_packet_sock_diag::{
     SockDiagMessage,
@@ -30,7 +30,10 @@ use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIA
 const NO_COOKIE: [u8; 8] = [0xff; 8];
 /// The kernel's `TCP_ESTABLISHED`.
 pub const TCP_ESTABLISHED: u8 = 1;
-/// Offset of `tcpi_last_data_recv` (ms) in `struct tcp_info`, stable kernel ABI.
+/// Offsets in `struct tcp_info`, stable kernel ABI: `tcpi_probes` (u8), `tcpi_unacked` (u32),
+/// `tcpi_last_data_recv` (u32, ms).
+const TCPI_PROBES_OFFSET: usize = 3;
+const TCPI_UNACKED_OFFSET: usize = 24;
 const TCPI_LAST_DATA_RECV_OFFSET: usize = 52;
 /// Upper bound on one request/answer exchange, so a kernel hiccup cannot stall the agent.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
@@ -58,6 +61,18 @@ pub struct SocketInfo {
     pub remote: SocketAddr,
 }
 
+/// One established connection as a dead-peer detector sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionSample {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Keepalive (or zero-window) probes sent without answer (`tcpi_probes`).
+    pub probes: u8,
+    /// Segments sent and not yet acknowledged (`tcpi_unacked`).
+    pub unacked: u32,
+    pub idle: Option<Duration>,
+}
+
 /// The answer to the start-up SOCK_DESTROY probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DestroyProbe {
@@ -81,6 +96,60 @@ impl SockDiag {
             .context("connecting the sock_diag socket")?;
         set_receive_timeout(&socket, REPLY_TIMEOUT).context("setting SO_RCVTIMEO")?;
         Ok(SockDiag { socket, seq: 0 })
+    }
+
+    /// Every ESTABLISHED TCP socket of this namespace whose local port is in `ports`, with the
+    /// `tcp_info` fields that tell how a dead peer is being detected.
+    pub fn established_on(&mut self, ports: &[u16]) -> io::Result<Vec<ConnectionSample>> {
+        let mut out = Vec::new();
+        for family in [AF_INET, AF_INET6] {
+            let request = SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: IPPROTO_TCP,
+                extensions: ExtensionFlags::INFO,
+                states: StateFlags::ESTABLISHED,
+                socket_id: if family == AF_INET {
+                    SocketId::new_v4()
+                } else {
+                    SocketId::new_v6()
+                },
+            });
+            let seq = self.send(request, NLM_F_REQUEST | NLM_F_DUMP)?;
+            'dump: loop {
+                for payload in self.receive_all::<SockDiagMessage>(seq)? {
+                    match payload {
+                        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                            let id = &r.header.socket_id;
+                            if !ports.contains(&id.source_port) {
+                                continue;
+                            }
+                            let info = r.nlas.iter().find_map(|nla| match nla {
+                                Nla::TcpInfo(bytes) => Some(bytes.as_slice()),
+                                _ => None,
+                            });
+                            out.push(ConnectionSample {
+                                local: unmap(SocketAddr::new(id.source_address, id.source_port)),
+                                remote: unmap(SocketAddr::new(
+                                    id.destination_address,
+                                    id.destination_port,
+                                )),
+                                probes: info
+                                    .and_then(|i| i.get(TCPI_PROBES_OFFSET).copied())
+                                    .unwrap_or(0),
+                                unacked: info
+                                    .and_then(|i| u32_at(i, TCPI_UNACKED_OFFSET))
+                                    .unwrap_or(0),
+                                idle: info.and_then(last_data_recv),
+                            });
+                        }
+                        NetlinkPayload::Done(_) => break 'dump,
+                        NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The socket that owns exactly `tuple`, if any (listeners are returned too: check `state`).
@@ -165,28 +234,41 @@ impl SockDiag {
         Ok(self.seq)
     }
 
-    /// The next message answering `seq`; messages for older requests are skipped.
-    fn receive<M>(&mut self, seq: u32) -> io::Result<NetlinkPayload<M>>
+    /// Every message of the next datagram that answers `seq` (a dump spans many datagrams).
+    fn receive_all<M>(&mut self, seq: u32) -> io::Result<Vec<NetlinkPayload<M>>>
     where
         M: NetlinkDeserializable,
     {
         loop {
-            let mut buf = vec![0u8; 8192];
+            let mut buf = vec![0u8; 65536];
             let len = self.socket.recv(&mut &mut buf[..], 0)?;
             let mut offset = 0;
+            let mut out = Vec::new();
             while offset < len {
                 let message = NetlinkMessage::<M>::deserialize(&buf[offset..len])
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
                 let advance = message.header.length as usize;
                 if message.header.sequence_number == seq {
-                    return Ok(message.payload);
+                    out.push(message.payload);
                 }
                 if advance == 0 {
                     break;
                 }
                 offset += advance;
             }
+            if !out.is_empty() {
+                return Ok(out);
+            }
         }
+    }
+
+    /// The first message answering `seq` (requests other than dumps get exactly one).
+    fn receive<M>(&mut self, seq: u32) -> io::Result<NetlinkPayload<M>>
+    where
+        M: NetlinkDeserializable,
+    {
+        let mut messages = self.receive_all(seq)?;
+        Ok(messages.swap_remove(0))
     }
 }
 
@@ -223,9 +305,13 @@ pub fn unmap(addr: SocketAddr) -> SocketAddr {
 }
 
 fn last_data_recv(tcp_info: &[u8]) -> Option<Duration> {
-    let bytes = tcp_info.get(TCPI_LAST_DATA_RECV_OFFSET..TCPI_LAST_DATA_RECV_OFFSET + 4)?;
-    let ms = u32::from_ne_bytes(bytes.try_into().ok()?);
+    let ms = u32_at(tcp_info, TCPI_LAST_DATA_RECV_OFFSET)?;
     Some(Duration::from_millis(u64::from(ms)))
+}
+
+fn u32_at(bytes: &[u8], offset: usize) -> Option<u32> {
+    let bytes = bytes.get(offset..offset + 4)?;
+    Some(u32::from_ne_bytes(bytes.try_into().ok()?))
 }
 
 fn set_receive_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {

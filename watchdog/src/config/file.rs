@@ -11,6 +11,14 @@
 //! min_idle = "1s"
 //! per_client_limit = "5/10s"
 //! global_limit = "1000/10s"
+//!
+//! [timers]                        # off unless set
+//! keepalive = "5s,1s,3"           # idle,interval,count
+//! user_timeout = "10s"
+//! include_active = false
+//! cgroup = "/sys/fs/cgroup/system.slice/legacy.service"   # default: cgroup v2 root
+//! [timers.ports.5001]             # per-port override
+//! keepalive = "30s,5s,3"
 //! ```
 use std::path::Path;
 
@@ -28,6 +36,28 @@ pub struct FileConfig {
     pub mode: Option<Mode>,
     #[serde(default)]
     pub guards: FileGuards,
+    #[serde(default)]
+    pub timers: FileTimers,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTimers {
+    pub keepalive: Option<String>,
+    pub user_timeout: Option<String>,
+    pub include_active: Option<bool>,
+    pub cgroup: Option<std::path::PathBuf>,
+    /// Port number → settings that replace the ones above for that port.
+    #[serde(default)]
+    pub ports: std::collections::BTreeMap<String, FilePortTimers>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePortTimers {
+    pub keepalive: Option<String>,
+    pub user_timeout: Option<String>,
+    pub include_active: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

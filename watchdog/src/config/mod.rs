@@ -4,13 +4,22 @@
 mod file;
 pub mod values;
 
-use std::{collections::BTreeSet, ffi::CString, fmt, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CString,
+    fmt,
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, anyhow, bail};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use self::{file::FileConfig, values::RateLimit};
+use self::{
+    file::{FileConfig, FileTimers},
+    values::{Keepalive, RateLimit},
+};
 use crate::cli::RunArgs;
 
 /// What the agent does with a stale socket once its guards allow it.
@@ -49,6 +58,23 @@ pub struct RunConfig {
     pub clients: Vec<IpNet>,
     pub mode: Mode,
     pub guards: GuardConfig,
+    pub timers: TimerConfig,
+}
+
+/// Per-port keepalive and user timeout (`--keepalive`, `--user-timeout`, `[timers]`).
+#[derive(Debug, Clone, Default)]
+pub struct TimerConfig {
+    /// Watched port → its timers; ports without timers are absent.
+    pub ports: BTreeMap<u16, PortTimerConfig>,
+    /// The cgroup whose processes' connections are timed; `None`: the cgroup v2 root.
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortTimerConfig {
+    pub keepalive: Option<Keepalive>,
+    pub user_timeout: Option<Duration>,
+    pub include_active: bool,
 }
 
 /// The guards' settings; see `guard.rs` for what each one protects against.
@@ -171,14 +197,80 @@ impl RunConfig {
             )?,
         };
 
+        let timers = timer_config(args, &file.timers, &ports, &in_file)?;
+
         Ok(RunConfig {
             ifaces,
             ports,
             clients,
             mode,
             guards,
+            timers,
         })
     }
+}
+
+/// Timers for every watched port from the flags or `[timers]`, then `[timers.ports.N]`
+/// overrides (which must name watched ports).
+fn timer_config(
+    args: &RunArgs,
+    file: &FileTimers,
+    watched: &BTreeSet<u16>,
+    in_file: &dyn Fn(&str) -> String,
+) -> Result<TimerConfig> {
+    let keepalive = match (args.keepalive, &file.keepalive) {
+        (Some(k), _) => Some(k),
+        (None, Some(text)) => Some(
+            text.parse::<Keepalive>()
+                .map_err(|e| anyhow!("{}: {e}", in_file("timers.keepalive")))?,
+        ),
+        (None, None) => None,
+    };
+    let user_timeout = match (args.user_timeout, &file.user_timeout) {
+        (Some(d), _) => Some(d),
+        (None, Some(text)) => Some(
+            values::user_timeout(text)
+                .map_err(|e| anyhow!("{}: {e}", in_file("timers.user_timeout")))?,
+        ),
+        (None, None) => None,
+    };
+    let base = PortTimerConfig {
+        keepalive,
+        user_timeout,
+        include_active: args.timers_on_active || file.include_active.unwrap_or(false),
+    };
+    let mut ports = BTreeMap::new();
+    if base.keepalive.is_some() || base.user_timeout.is_some() {
+        for &port in watched {
+            ports.insert(port, base);
+        }
+    }
+    for (port_text, over) in &file.ports {
+        let key = format!("timers.ports.{port_text}");
+        let port = values::port(port_text).map_err(|e| anyhow!("{}: {e}", in_file(&key)))?;
+        if !watched.contains(&port) {
+            bail!("{}: port {port} is not a watched port", in_file(&key));
+        }
+        let mut timers = ports.get(&port).copied().unwrap_or(base);
+        if let Some(text) = &over.keepalive {
+            timers.keepalive = Some(
+                text.parse()
+                    .map_err(|e| anyhow!("{}: {e}", in_file(&format!("{key}.keepalive"))))?,
+            );
+        }
+        if let Some(text) = &over.user_timeout {
+            timers.user_timeout = Some(
+                values::user_timeout(text)
+                    .map_err(|e| anyhow!("{}: {e}", in_file(&format!("{key}.user_timeout"))))?,
+            );
+        }
+        if let Some(active) = over.include_active {
+            timers.include_active = active;
+        }
+        ports.insert(port, timers);
+    }
+    let cgroup = args.cgroup.clone().or_else(|| file.cgroup.clone());
+    Ok(TimerConfig { ports, cgroup })
 }
 
 fn first_non_empty(cli: Vec<String>, file: Option<Vec<String>>) -> Vec<String> {
@@ -279,6 +371,42 @@ mod tests {
             config.guards.per_client_limit,
             GuardConfig::default().per_client_limit
         );
+    }
+
+    #[test]
+    fn timers_apply_to_every_watched_port_with_per_port_overrides() {
+        let config = load(
+            r#"
+            ifaces = ["lo"]
+            ports = [5000, 5001]
+            [timers]
+            keepalive = "5s,1s,3"
+            [timers.ports.5001]
+            user_timeout = "10s"
+            "#,
+            &[],
+        )
+        .unwrap();
+        let t5000 = config.timers.ports[&5000];
+        let t5001 = config.timers.ports[&5001];
+        assert_eq!(t5000.keepalive.unwrap().count, 3);
+        assert_eq!(t5000.user_timeout, None);
+        assert_eq!(t5001.keepalive, t5000.keepalive);
+        assert_eq!(t5001.user_timeout, Some(Duration::from_secs(10)));
+        assert!(
+            load("ifaces = [\"lo\"]\nports = [5000]\n", &[])
+                .unwrap()
+                .timers
+                .ports
+                .is_empty(),
+            "timers are off unless configured"
+        );
+        let unwatched = error(
+            "ifaces = [\"lo\"]\nports = [5000]\n[timers.ports.6000]\nuser_timeout = \"1s\"\n",
+        );
+        assert!(unwatched.contains("timers.ports.6000"), "{unwatched}");
+        let bad = error("ifaces = [\"lo\"]\nports = [5000]\n[timers]\nkeepalive = \"5s\"\n");
+        assert!(bad.contains("timers.keepalive"), "{bad}");
     }
 
     #[test]

@@ -81,9 +81,108 @@ impl fmt::Display for RateLimit {
     }
 }
 
+/// Keepalive timers written `IDLE,INTERVAL,COUNT`, e.g. `5s,1s,3`: the first probe after IDLE
+/// of silence, then one every INTERVAL, the peer declared dead after COUNT unanswered probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
+}
+
+/// The kernel's limits: `TCP_MAX_KEEPIDLE`/`TCP_MAX_KEEPINTVL` (s) and `TCP_MAX_KEEPCNT`.
+const MAX_KEEPALIVE_SECS: u64 = 32_767;
+const MAX_KEEPALIVE_COUNT: u32 = 127;
+
+impl FromStr for Keepalive {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = value.split(',').map(str::trim).collect();
+        let [idle, interval, count] = parts[..] else {
+            return Err(format!(
+                "`{value}` is not IDLE,INTERVAL,COUNT (e.g. `5s,1s,3`)"
+            ));
+        };
+        let seconds = |text: &str, what: &str| -> Result<Duration, String> {
+            let d = duration(text)?;
+            if d.as_secs() < 1 || d.as_secs() > MAX_KEEPALIVE_SECS || d.subsec_nanos() != 0 {
+                return Err(format!(
+                    "keepalive {what} `{text}` must be whole seconds, 1s-{MAX_KEEPALIVE_SECS}s"
+                ));
+            }
+            Ok(d)
+        };
+        let count: u32 = count
+            .parse()
+            .ok()
+            .filter(|c| (1..=MAX_KEEPALIVE_COUNT).contains(c))
+            .ok_or_else(|| format!("keepalive count `{count}` must be 1-{MAX_KEEPALIVE_COUNT}"))?;
+        Ok(Keepalive {
+            idle: seconds(idle, "idle")?,
+            interval: seconds(interval, "interval")?,
+            count,
+        })
+    }
+}
+
+impl fmt::Display for Keepalive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}s,{}s,{}",
+            self.idle.as_secs(),
+            self.interval.as_secs(),
+            self.count
+        )
+    }
+}
+
+/// `TCP_USER_TIMEOUT`: how long sent data may stay unacknowledged; 1 ms to 24 days.
+pub fn user_timeout(value: &str) -> Result<Duration, String> {
+    let d = duration(value)?;
+    if d.is_zero() || d.as_millis() > i32::MAX as u128 {
+        return Err(format!(
+            "user timeout `{value}` must be between 1ms and {}ms",
+            i32::MAX
+        ));
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keepalive_reads_idle_interval_count_within_kernel_limits() {
+        let k: Keepalive = "5s,1s,3".parse().unwrap();
+        assert_eq!(
+            k,
+            Keepalive {
+                idle: Duration::from_secs(5),
+                interval: Duration::from_secs(1),
+                count: 3
+            }
+        );
+        assert_eq!(k.to_string(), "5s,1s,3");
+        assert!("5s,1s".parse::<Keepalive>().is_err());
+        assert!(
+            "500ms,1s,3"
+                .parse::<Keepalive>()
+                .unwrap_err()
+                .contains("whole seconds")
+        );
+        assert!(
+            "5s,1s,0"
+                .parse::<Keepalive>()
+                .unwrap_err()
+                .contains("1-127")
+        );
+        assert!("5s,1s,200".parse::<Keepalive>().is_err());
+        assert!(user_timeout("10s").is_ok());
+        assert!(user_timeout("0s").is_err());
+    }
 
     #[test]
     fn client_prefixes_parse_with_clear_errors() {
