@@ -333,6 +333,16 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_parses() {
+        let example =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/watchdog.toml");
+        let file = FileConfig::read(&example).unwrap();
+        assert_eq!(file.ports, Some(vec![5000]));
+        assert_eq!(file.mode, Some(Mode::Replay));
+        assert_eq!(file.guards.min_idle.as_deref(), Some("1s"));
+    }
+
+    #[test]
     fn a_complete_file_loads() {
         let config = load(
             r#"
