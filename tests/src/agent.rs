@@ -78,6 +78,23 @@ pub struct Agent {
     shared: Arc<Shared>,
     readers: Vec<JoinHandle<()>>,
     command: String,
+    journal: PathBuf,
+    control_socket: PathBuf,
+}
+
+/// A fresh directory for one agent's journal and control socket, unless the test passes its
+/// own `--journal` / `--control-socket`: agents of parallel tests must not share them.
+fn agent_state_dir(net: &TestNet) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("watchdog-agent-{}-{n}", net.server_ns()))
+}
+
+/// The value following `flag` in `args`.
+fn flag_value(args: &[&str], flag: &str) -> Option<PathBuf> {
+    args.windows(2)
+        .find(|w| w[0] == flag)
+        .map(|w| PathBuf::from(w[1]))
 }
 
 /// How the agent ended, with everything it printed.
@@ -163,8 +180,20 @@ impl Agent {
         // NetworkNamespacePath= does; `ip netns exec` would also remount /sys and hide the
         // cgroup v2 mount that the per-port timers attach to.
         let netns = format!("--net=/run/netns/{}", net.server_ns());
+        let state = agent_state_dir(net);
+        let journal = flag_value(args, "--journal").unwrap_or_else(|| state.join("journal"));
+        let control_socket =
+            flag_value(args, "--control-socket").unwrap_or_else(|| state.join("control.sock"));
+        let journal_arg = journal.to_string_lossy().into_owned();
+        let control_arg = control_socket.to_string_lossy().into_owned();
         let mut full: Vec<&str> = vec![&netns, &bin, "run"];
         full.extend_from_slice(args);
+        if flag_value(args, "--journal").is_none() {
+            full.extend_from_slice(&["--journal", &journal_arg]);
+        }
+        if flag_value(args, "--control-socket").is_none() {
+            full.extend_from_slice(&["--control-socket", &control_arg]);
+        }
         full.extend_from_slice(&["--log-format", "json"]);
         let command = format!("nsenter {}", full.join(" "));
         let mut child = Command::new("nsenter")
@@ -206,11 +235,23 @@ impl Agent {
             shared,
             readers,
             command,
+            journal,
+            control_socket,
         };
         match agent.wait_for_event("attached", ATTACH_TIMEOUT) {
             Ok(_) => Ok(agent),
             Err(e) => Err(e.context(format!("agent did not attach: `{}`", agent.command))),
         }
+    }
+
+    /// The agent's journal directory.
+    pub fn journal(&self) -> &Path {
+        &self.journal
+    }
+
+    /// The agent's control socket.
+    pub fn control_socket(&self) -> &Path {
+        &self.control_socket
     }
 
     /// The agent's pid (`nsenter` execs the agent in place).

@@ -10,7 +10,10 @@
 //! Fail-open: the agent refreshes a heartbeat map every 100 ms and the classifier holds SYNs
 //! only while it is fresh. On SIGINT/SIGTERM the heartbeat is cleared first, the ring buffer
 //! drained (every held SYN is re-injected) and only then the classifier detached.
-use std::time::{Duration, Instant};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
@@ -21,15 +24,21 @@ use tokio::{
 use tracing::info;
 use watchdog_common::{Counter, HEARTBEAT_INTERVAL_NS, classifier_action};
 
+use serde_json::{Value, json};
+
 use crate::{
     action::{self, DestroyOutcome, NotFound},
     classifier::Classifier,
     config::{Mode, RunConfig},
+    control,
     dead_peers::{self, DeadPeers},
     events::{StaleSyn, monotonic_ns},
     guard::{Decision, Guards},
     inject::Injector,
+    journal::{self, Journal},
+    metrics,
     preflight::{self, KernelFeatures},
+    recorder::Recorder,
     report,
     sock_diag::SockDiag,
 };
@@ -44,8 +53,19 @@ const TIMED_SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a refused tuple's SYNs go to the kernel instead of being held.
 const REFUSAL_BACKOFF: Duration = Duration::from_secs(1);
 
-pub async fn run(config: RunConfig) -> Result<()> {
+pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
     preflight::check_capabilities()?;
+    let outputs = &config.outputs;
+    recorder.set_journal(Journal::open(&outputs.journal, journal::Limits::default())?);
+    let control = control::bind(&outputs.control_socket, outputs.control_group.as_deref())?;
+    let metrics = match outputs.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint {addr}"))?,
+        ),
+        None => None,
+    };
     let features = KernelFeatures::probe()?;
     report::features(&features);
     features.require(config.mode)?;
@@ -74,6 +94,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
     };
     let mut agent = Agent {
         dead_peers: DeadPeers::new(config.timers.ports.clone()),
+        last_beat: Instant::now(),
         guards: Guards::new(&config, Instant::now()),
         overflows_seen: 0,
         config,
@@ -82,6 +103,11 @@ pub async fn run(config: RunConfig) -> Result<()> {
         injector,
     };
     agent.beat()?;
+    let status = Arc::new(Mutex::new(agent.status(&features, None)));
+    tokio::spawn(control::serve(control, recorder.clone(), status.clone()));
+    if let Some(listener) = metrics {
+        tokio::spawn(metrics::serve_http(listener, recorder.clone()));
+    }
     report::attached(
         &agent.config,
         &agent.classifier,
@@ -97,7 +123,15 @@ pub async fn run(config: RunConfig) -> Result<()> {
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             _ = heartbeat.tick() => agent.beat()?,
-            _ = overflow_check.tick() => agent.check_overflow(),
+            _ = overflow_check.tick() => {
+                let counters = agent.classifier.counters().ok();
+                if let Some(counters) = &counters {
+                    agent.check_overflow(counters);
+                    recorder.metrics.set_kernel_counters(counters);
+                }
+                *status.lock().unwrap_or_else(|e| e.into_inner()) =
+                    agent.status(&features, counters.as_deref());
+            }
             _ = timed_sample.tick(), if timers_on => agent.sample_timed(),
             ready = closes.readable_mut() => {
                 let mut ready = ready.context("waiting on the close ring buffer")?;
@@ -130,6 +164,7 @@ struct Agent {
     config: RunConfig,
     guards: Guards,
     dead_peers: DeadPeers,
+    last_beat: Instant,
     /// `ringbuf_full` as last reported.
     overflows_seen: u64,
     diag: SockDiag,
@@ -139,19 +174,56 @@ struct Agent {
 
 impl Agent {
     fn beat(&mut self) -> Result<()> {
-        self.classifier.beat(monotonic_ns())
+        self.classifier.beat(monotonic_ns())?;
+        self.last_beat = Instant::now();
+        Ok(())
     }
 
     /// Reports stale SYNs the classifier could not queue since the last check: they went to
     /// the kernel unreported (and unheld), which is safe but must never be silent.
-    fn check_overflow(&mut self) {
-        let Ok(full) = self.classifier.counter(Counter::RingbufFull) else {
+    fn check_overflow(&mut self, counters: &[(Counter, u64)]) {
+        let Some(&(_, full)) = counters.iter().find(|(c, _)| *c == Counter::RingbufFull) else {
             return;
         };
         if full > self.overflows_seen {
             report::ring_buffer_overflow(full - self.overflows_seen, full);
             self.overflows_seen = full;
         }
+    }
+
+    /// What `watchdog status` shows.
+    fn status(&self, features: &KernelFeatures, counters: Option<&[(Counter, u64)]>) -> Value {
+        let config = &self.config;
+        let counters: serde_json::Map<String, Value> = counters
+            .unwrap_or_default()
+            .iter()
+            .map(|(c, v)| (c.name().to_owned(), Value::from(*v)))
+            .collect();
+        json!({
+            "agent": {
+                "pid": std::process::id(),
+                "mode": config.mode.to_string(),
+                "interfaces": config.ifaces.iter().map(|i| format!("{} (ifindex {})", i.name, i.index)).collect::<Vec<_>>().join(", "),
+                "attach": self.classifier.attach_kind,
+                "program_id": self.classifier.program_id,
+                "replay": self.injector.as_ref().map(Injector::method),
+                "ports": config.ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                "clients": config.clients.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                "heartbeat_age_ms": self.last_beat.elapsed().as_millis() as u64,
+                "kernel": features.release.clone(),
+            },
+            "guards": {
+                "min_idle_ms": config.guards.min_idle.as_millis() as u64,
+                "per_client_limit": config.guards.per_client_limit.to_string(),
+                "global_limit": config.guards.global_limit.to_string(),
+            },
+            "counters": counters,
+            "outputs": {
+                "journal": config.outputs.journal.display().to_string(),
+                "control_socket": config.outputs.control_socket.display().to_string(),
+                "metrics": config.outputs.metrics.map(|a| format!("http://{a}/metrics")),
+            },
+        })
     }
 
     fn sample_timed(&mut self) {
@@ -205,6 +277,7 @@ impl Agent {
     fn judge_and_destroy(&mut self, syn: &StaleSyn) -> Verdict {
         if syn.raw.classifier_action == classifier_action::BACKED_OFF {
             return Verdict::Refused {
+                kind: "backed_off",
                 reason: "backed off: this tuple was refused less than 1 s ago".into(),
                 idle: None,
             };
@@ -216,12 +289,13 @@ impl Agent {
             Err(NotFound::Failed(error)) => return Verdict::Failed(error),
         };
         let lookup = started.elapsed();
-        if let Decision::Refuse(reason) =
+        if let Decision::Refuse { kind, reason } =
             self.guards
                 .decide(&self.config, syn, &socket, Instant::now())
         {
             self.back_off(syn);
             return Verdict::Refused {
+                kind,
                 reason,
                 idle: socket.idle,
             };
@@ -290,6 +364,7 @@ pub enum Verdict {
     },
     /// A guard said no.
     Refused {
+        kind: &'static str,
         reason: String,
         idle: Option<Duration>,
     },

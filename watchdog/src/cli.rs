@@ -9,6 +9,7 @@ use crate::config::{
     Mode,
     values::{self, Keepalive, RateLimit},
 };
+use crate::{control, journal};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,7 +25,49 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Attach to the server's interfaces and watch for SYNs aimed at stale sockets.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// What happened and why: the journal as a table or JSON lines, or live from the agent.
+    Events(EventsArgs),
+    /// The running agent: interfaces, programs, mode, guards, heartbeat, kernel counters.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EventsArgs {
+    /// The agent's journal directory.
+    #[arg(long, value_name = "DIR", default_value = journal::DEFAULT_DIR)]
+    pub journal: PathBuf,
+    /// The agent's control socket (for --follow).
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+    pub control_socket: PathBuf,
+    /// One JSON object per line (the journal's own records) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Live events from the running agent.
+    #[arg(long)]
+    pub follow: bool,
+    /// Only events since a duration ago (`10m`) or a time (`2026-12-03 03:12:00`, UTC).
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    /// Only events of this client address.
+    #[arg(long, value_name = "IP")]
+    pub client: Option<std::net::IpAddr>,
+    /// Only events of this port (server or client side).
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// Only events of this kind (`destroyed`, `would_destroy`, `replayed`, `peer_dead`, …).
+    #[arg(long, value_name = "EVENT")]
+    pub action: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The agent's control socket.
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+    pub control_socket: PathBuf,
+    /// Print the status as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -85,6 +128,25 @@ pub struct RunArgs {
     /// root, every process; the port and network namespace still select the connections].
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
+
+    /// Journal directory: every event, kept across restarts, rotated (about 40 MiB at most)
+    /// [default: /var/lib/watchdog/journal].
+    #[arg(long, value_name = "DIR")]
+    pub journal: Option<PathBuf>,
+
+    /// Control socket for `watchdog status` and `watchdog events --follow`
+    /// [default: /run/watchdog/control.sock].
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
+    /// Group allowed to use the control socket besides root.
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
+
+    /// Serve Prometheus metrics on this address (a bare port means 127.0.0.1:PORT)
+    /// [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]

@@ -28,8 +28,18 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Destroy,
-    /// Leave the socket alone, for this reason.
-    Refuse(String),
+    /// Leave the socket alone: which guard (a stable word for metrics) and why (for people).
+    Refuse {
+        kind: &'static str,
+        reason: String,
+    },
+}
+
+fn refuse(kind: &'static str, reason: impl Into<String>) -> Decision {
+    Decision::Refuse {
+        kind,
+        reason: reason.into(),
+    }
 }
 
 /// The guards' memory: the rate limits' token buckets.
@@ -57,10 +67,10 @@ impl Guards {
         now: Instant,
     ) -> Decision {
         if config.mode == Mode::Observe {
-            return Decision::Refuse("observe mode".into());
+            return refuse("observe", "observe mode");
         }
         if !config.ports.contains(&syn.server.port()) {
-            return Decision::Refuse("server port is not watched".into());
+            return refuse("scope", "server port is not watched");
         }
         if !config.clients.is_empty()
             && !config
@@ -68,10 +78,10 @@ impl Guards {
                 .iter()
                 .any(|net| net.contains(&syn.client.ip()))
         {
-            return Decision::Refuse("client is outside the watched prefixes".into());
+            return refuse("scope", "client is outside the watched prefixes");
         }
         if let Some(reason) = too_recently_active(config.guards.min_idle, socket.idle) {
-            return Decision::Refuse(reason);
+            return refuse("min_idle", reason);
         }
         self.take_tokens(config, syn.client.ip(), now)
     }
@@ -87,16 +97,22 @@ impl Guards {
             .entry(client)
             .or_insert_with(|| TokenBucket::full(limits.per_client_limit, now));
         if !bucket.has_token(now) {
-            return Decision::Refuse(format!(
-                "rate limit: more than {} destroys for client {client}",
-                limits.per_client_limit
-            ));
+            return refuse(
+                "per_client_limit",
+                format!(
+                    "rate limit: more than {} destroys for client {client}",
+                    limits.per_client_limit
+                ),
+            );
         }
         if !self.global.has_token(now) {
-            return Decision::Refuse(format!(
-                "rate limit: more than {} destroys in all",
-                limits.global_limit
-            ));
+            return refuse(
+                "global_limit",
+                format!(
+                    "rate limit: more than {} destroys in all",
+                    limits.global_limit
+                ),
+            );
         }
         bucket.take();
         self.global.take();

@@ -10,12 +10,17 @@ mod agent;
 mod classifier;
 mod cli;
 mod config;
+mod control;
 mod dead_peers;
 mod events;
 mod guard;
 mod inject;
+mod inspect;
+mod journal;
 mod logging;
+mod metrics;
 mod preflight;
+mod recorder;
 mod report;
 mod sock_diag;
 
@@ -27,27 +32,39 @@ use crate::cli::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Run(args) => {
-            logging::init(args.log_format);
-            let result = config::RunConfig::load(&args).and_then(|config| {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?
-                    .block_on(agent::run(config))
-            });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    match args.log_format {
-                        LogFormat::Text => eprintln!("watchdog: error: {error:#}"),
-                        LogFormat::Json => {
-                            tracing::error!(event = "fatal", error = %format!("{error:#}"), "watchdog stopped")
-                        }
-                    }
-                    ExitCode::FAILURE
+    let result = match &cli.command {
+        Command::Run(args) => return run(args),
+        Command::Events(args) => inspect::events(args),
+        Command::Status(args) => inspect::status(&args.control_socket, args.json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("watchdog: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &cli::RunArgs) -> ExitCode {
+    let recorder = recorder::Recorder::new();
+    logging::init(args.log_format, Some(recorder.clone()));
+    let result = config::RunConfig::load(args).and_then(|config| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(agent::run(config, recorder))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            match args.log_format {
+                LogFormat::Text => eprintln!("watchdog: error: {error:#}"),
+                LogFormat::Json => {
+                    tracing::error!(event = "fatal", error = %format!("{error:#}"), "watchdog stopped")
                 }
             }
+            ExitCode::FAILURE
         }
     }
 }

@@ -75,17 +75,19 @@ pub fn verdict(syn: &StaleSyn, verdict: &Verdict) {
             event = "destroyed",
             %client,
             %server,
+            held = syn.held_frame().is_some(),
             idle_ms = idle.map(millis),
             lookup_us = micros(*lookup),
             destroy_us = micros(*destroy),
             total_us = micros(*since_seen),
             "destroyed the stale socket"
         ),
-        Verdict::Refused { reason, idle } => info!(
+        Verdict::Refused { kind, reason, idle } => info!(
             event = "would_destroy",
             %client,
             %server,
             idle_ms = idle.map(millis),
+            refusal = kind,
             reason,
             "stale socket left in place"
         ),

@@ -6,6 +6,10 @@
 //! ports = [5000]
 //! clients = ["192.0.2.0/24"]      # optional
 //! mode = "replay"                 # observe | destroy | replay
+//! journal = "/var/lib/watchdog/journal"
+//! control_socket = "/run/watchdog/control.sock"
+//! control_group = "watchdog"      # optional
+//! metrics = "127.0.0.1:9464"      # optional
 //!
 //! [guards]
 //! min_idle = "1s"
@@ -34,6 +38,10 @@ pub struct FileConfig {
     pub ports: Option<Vec<i64>>,
     pub clients: Option<Vec<String>>,
     pub mode: Option<Mode>,
+    pub journal: Option<std::path::PathBuf>,
+    pub control_socket: Option<std::path::PathBuf>,
+    pub control_group: Option<String>,
+    pub metrics: Option<String>,
     #[serde(default)]
     pub guards: FileGuards,
     #[serde(default)]

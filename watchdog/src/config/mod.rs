@@ -59,6 +59,17 @@ pub struct RunConfig {
     pub mode: Mode,
     pub guards: GuardConfig,
     pub timers: TimerConfig,
+    pub outputs: Outputs,
+}
+
+/// Where the agent reports besides stderr.
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    pub journal: PathBuf,
+    pub control_socket: PathBuf,
+    pub control_group: Option<String>,
+    /// Prometheus endpoint; `None`: off.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Per-port keepalive and user timeout (`--keepalive`, `--user-timeout`, `[timers]`).
@@ -198,6 +209,30 @@ impl RunConfig {
         };
 
         let timers = timer_config(args, &file.timers, &ports, &in_file)?;
+        let metrics = match args.metrics.as_ref().or(file.metrics.as_ref()) {
+            None => None,
+            Some(text) => Some(values::listen_addr(text).map_err(|e| {
+                if args.metrics.is_some() {
+                    anyhow!("--metrics: {e}")
+                } else {
+                    anyhow!("{}: {e}", in_file("metrics"))
+                }
+            })?),
+        };
+        let outputs = Outputs {
+            journal: args
+                .journal
+                .clone()
+                .or(file.journal.clone())
+                .unwrap_or_else(|| PathBuf::from(crate::journal::DEFAULT_DIR)),
+            control_socket: args
+                .control_socket
+                .clone()
+                .or(file.control_socket.clone())
+                .unwrap_or_else(|| PathBuf::from(crate::control::DEFAULT_SOCKET)),
+            control_group: args.control_group.clone().or(file.control_group.clone()),
+            metrics,
+        };
 
         Ok(RunConfig {
             ifaces,
@@ -206,6 +241,7 @@ impl RunConfig {
             mode,
             guards,
             timers,
+            outputs,
         })
     }
 }
@@ -312,7 +348,9 @@ mod tests {
         std::fs::write(&path, toml)?;
         let mut argv = vec!["watchdog", "run", "--config", path.to_str().unwrap()];
         argv.extend_from_slice(flags);
-        let Command::Run(args) = Cli::try_parse_from(argv)?.command;
+        let Command::Run(args) = Cli::try_parse_from(argv)?.command else {
+            panic!("`watchdog run` parses as Run");
+        };
         let result = RunConfig::load(&args);
         std::fs::remove_file(&path)?;
         result

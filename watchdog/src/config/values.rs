@@ -36,6 +36,16 @@ pub fn client_prefix(value: &str) -> Result<IpNet, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A listening address; a bare port means loopback, so metrics are never exposed by accident.
+pub fn listen_addr(value: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = value.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    value
+        .parse()
+        .map_err(|_| format!("`{value}` is not PORT or IP:PORT (e.g. 127.0.0.1:9464)"))
+}
+
 /// A duration such as `500ms`, `2s` or `1m 30s`.
 pub fn duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(value)
