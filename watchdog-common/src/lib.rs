@@ -29,15 +29,16 @@ pub mod names {
     pub const HOLD_ENABLED: &str = "HOLD_ENABLED";
     /// `HashMap<u16, PortTimers>`: keepalive and user-timeout settings per watched port.
     pub const PORT_TIMERS: &str = "PORT_TIMERS";
-    /// `RingBuf`: one [`super::ConnectionClosed`] per timed connection that ends abruptly.
-    pub const CLOSES: &str = "CLOSES";
+    /// `RingBuf`: one [`super::ConnectionEvent`] per watched connection's establishment, close
+    /// by the peer, or abrupt end.
+    pub const CONNECTIONS: &str = "CONNECTIONS";
     /// Read-only global `u64`: the network namespace (`SO_NETNS_COOKIE`) whose sockets the
     /// sock_ops program serves; it runs for a whole cgroup, across namespaces.
     pub const TIMERS_NETNS_COOKIE: &str = "TIMERS_NETNS_COOKIE";
     /// The TC classifier program.
     pub const CLASSIFIER: &str = "stale_syn_classifier";
-    /// The sock_ops program that sets per-port timers as connections are established.
-    pub const PORT_TIMERS_PROGRAM: &str = "port_timers";
+    /// The sock_ops program that follows watched connections and sets their per-port timers.
+    pub const CONNECTIONS_PROGRAM: &str = "watched_connections";
     /// The XDP program the agent runs with `BPF_F_TEST_XDP_LIVE_FRAMES` to re-inject a held SYN
     /// as if it had just arrived on its original interface. Never attached.
     pub const REPLAY_PASS: &str = "replay_pass";
@@ -237,11 +238,21 @@ pub struct PortTimers {
     pub include_active: u32,
 }
 
-/// A timed connection that went from ESTABLISHED straight to CLOSE: a timeout (the peer is
-/// dead), a reset from the peer, or an abort (`ss -K`, the watchdog's own destroy).
+/// What happened to a watched connection, as [`ConnectionEvent::kind`] says.
+pub mod connection_event {
+    /// The connection was established (the listener accepted it).
+    pub const ESTABLISHED: u8 = 0;
+    /// The peer closed its side (FIN): ESTABLISHED → CLOSE_WAIT.
+    pub const PEER_CLOSED: u8 = 1;
+    /// ESTABLISHED straight to CLOSE: a timeout (the peer is dead), a reset from the peer, or
+    /// an abort (`ss -K`, the watchdog's own destroy).
+    pub const ABRUPT_CLOSE: u8 = 2;
+}
+
+/// A step in a watched connection's life, reported by the sock_ops program.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConnectionClosed {
+pub struct ConnectionEvent {
     /// `CLOCK_MONOTONIC` ns of the state change.
     pub seen_ns: u64,
     pub bytes_received: u64,
@@ -255,7 +266,9 @@ pub struct ConnectionClosed {
     pub family: u8,
     /// 1 when this host opened the connection.
     pub active: u8,
-    pub _pad: [u8; 2],
+    /// One of [`connection_event`].
+    pub kind: u8,
+    pub _pad: u8,
     /// Segments sent and not yet acknowledged: non-zero means the peer stopped acknowledging.
     pub packets_out: u32,
     pub total_retrans: u32,
@@ -292,7 +305,7 @@ pub const fn ipv4_mapped(v4: [u8; 4]) -> [u8; 16] {
 const _: () = assert!(core::mem::size_of::<StaleSynEvent>() == 80 + MAX_HELD_PACKET);
 const _: () = assert!(core::mem::size_of::<TupleKey>() == 36);
 const _: () = assert!(core::mem::size_of::<PortTimers>() == 20);
-const _: () = assert!(core::mem::size_of::<ConnectionClosed>() == 72);
+const _: () = assert!(core::mem::size_of::<ConnectionEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<ReplayKey>() == 40);
 
 #[cfg(feature = "user")]
@@ -302,5 +315,5 @@ mod pod {
     unsafe impl aya::Pod for super::ReplayKey {}
     unsafe impl aya::Pod for super::TupleKey {}
     unsafe impl aya::Pod for super::PortTimers {}
-    unsafe impl aya::Pod for super::ConnectionClosed {}
+    unsafe impl aya::Pod for super::ConnectionEvent {}
 }

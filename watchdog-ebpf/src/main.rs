@@ -18,9 +18,9 @@
 #![no_std]
 #![no_main]
 
+mod connections;
 mod packet;
 mod socket;
-mod timers;
 
 use aya_ebpf::{
     Global,
@@ -55,7 +55,7 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT
 
 /// Watched local ports (host byte order) → 1.
 #[map(name = "WATCHED_PORTS")]
-static WATCHED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
+pub(crate) static WATCHED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 
 /// Watched client prefixes over IPv4-mapped IPv6 addresses → 1.
 #[map(name = "CLIENT_PREFIXES")]

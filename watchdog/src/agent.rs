@@ -30,8 +30,8 @@ use crate::{
     action::{self, DestroyOutcome, NotFound},
     classifier::Classifier,
     config::{Mode, RunConfig},
+    connections::{self, Connections},
     control,
-    dead_peers::{self, DeadPeers},
     events::{StaleSyn, monotonic_ns},
     guard::{Decision, Guards},
     inject::Injector,
@@ -80,11 +80,12 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
     let mut events = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
         .context("polling the ring buffer")?;
-    let closes = classifier.take_closes()?;
+    let connections = classifier.take_connections()?;
     // SAFETY: as for `events`.
-    let mut closes = unsafe { AsyncFd::register_with_interest(closes, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-        .context("polling the close ring buffer")?;
+    let mut connections =
+        unsafe { AsyncFd::register_with_interest(connections, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+            .context("polling the connections ring buffer")?;
     let injector = match config.mode {
         Mode::Replay => Some(Injector::probe(
             classifier.replay_program()?,
@@ -93,7 +94,7 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
         Mode::Observe | Mode::Destroy => None,
     };
     let mut agent = Agent {
-        dead_peers: DeadPeers::new(config.timers.ports.clone()),
+        connections: Connections::new(config.timers.ports.clone()),
         last_beat: Instant::now(),
         guards: Guards::new(&config, Instant::now()),
         overflows_seen: 0,
@@ -113,11 +114,14 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
         &agent.classifier,
         agent.injector.as_ref().map(Injector::method),
     );
+    if let Some(why) = &agent.classifier.lifecycle_unavailable {
+        report::lifecycle_unavailable(why);
+    }
 
     let mut heartbeat = tokio::time::interval(Duration::from_nanos(HEARTBEAT_INTERVAL_NS));
     let mut overflow_check = tokio::time::interval(OVERFLOW_CHECK_INTERVAL);
     let mut timed_sample = tokio::time::interval(TIMED_SAMPLE_INTERVAL);
-    let timers_on = agent.dead_peers.enabled();
+    let timed = agent.connections.timed();
     loop {
         tokio::select! {
             _ = interrupt.recv() => break,
@@ -132,10 +136,10 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
                 *status.lock().unwrap_or_else(|e| e.into_inner()) =
                     agent.status(&features, counters.as_deref());
             }
-            _ = timed_sample.tick(), if timers_on => agent.sample_timed(),
-            ready = closes.readable_mut() => {
-                let mut ready = ready.context("waiting on the close ring buffer")?;
-                agent.drain_closes(ready.get_inner_mut());
+            _ = timed_sample.tick(), if timed => agent.sample_timed(),
+            ready = connections.readable_mut() => {
+                let mut ready = ready.context("waiting on the connections ring buffer")?;
+                agent.drain_connections(ready.get_inner_mut());
                 ready.clear_ready();
             }
             ready = events.readable_mut() => {
@@ -163,7 +167,7 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
 struct Agent {
     config: RunConfig,
     guards: Guards,
-    dead_peers: DeadPeers,
+    connections: Connections,
     last_beat: Instant,
     /// `ringbuf_full` as last reported.
     overflows_seen: u64,
@@ -227,18 +231,18 @@ impl Agent {
     }
 
     fn sample_timed(&mut self) {
-        if let Err(error) = self.dead_peers.sample(&mut self.diag) {
+        if let Err(error) = self.connections.sample(&mut self.diag) {
             report::sample_failed(&error);
         }
     }
 
-    fn drain_closes(&mut self, ring: &mut RingBuf<MapData>) {
+    fn drain_connections(&mut self, ring: &mut RingBuf<MapData>) {
         while let Some(record) = ring.next() {
-            match dead_peers::decode(&record) {
-                Ok(closed) => {
+            match connections::decode(&record) {
+                Ok(event) => {
                     drop(record);
-                    if let Some(dead) = self.dead_peers.explain(&closed) {
-                        report::dead_peer(&dead);
+                    if let Some(story) = self.connections.story(&event) {
+                        report::connection(&story);
                     }
                 }
                 Err(error) => report::bad_record(&error),
@@ -302,7 +306,8 @@ impl Agent {
         }
         match action::destroy(&mut self.diag, syn, &socket) {
             DestroyOutcome::Destroyed { took } => {
-                self.dead_peers.note_own_destroy(syn.server, syn.client);
+                self.connections
+                    .note_own_destroy(syn.server, syn.client, syn.raw.seen_ns);
                 Verdict::Destroyed {
                     idle: socket.idle,
                     lookup,

@@ -33,6 +33,8 @@ pub struct Classifier {
     pub program_id: u32,
     /// "tcx" or "clsact".
     pub attach_kind: &'static str,
+    /// Why connection lifecycle events are off, when they are.
+    pub lifecycle_unavailable: Option<String>,
 }
 
 impl Classifier {
@@ -66,7 +68,7 @@ impl Classifier {
                 .context("filling CLIENT_PREFIXES")?;
         }
 
-        attach_port_timers(&mut ebpf, &config.timers)?;
+        let lifecycle_unavailable = attach_connections(&mut ebpf, &config.timers)?;
 
         let replay: &mut Xdp = ebpf
             .program_mut(names::REPLAY_PASS)
@@ -112,6 +114,7 @@ impl Classifier {
             refused,
             program_id,
             attach_kind: if tcx { "tcx" } else { "clsact" },
+            lifecycle_unavailable,
         })
     }
 
@@ -144,12 +147,12 @@ impl Classifier {
             .try_into()?)
     }
 
-    /// Takes the ring buffer of abrupt closes of timed connections (once).
-    pub fn take_closes(&mut self) -> Result<RingBuf<MapData>> {
+    /// Takes the ring buffer of watched connections' lifecycle events (once).
+    pub fn take_connections(&mut self) -> Result<RingBuf<MapData>> {
         let map = self
             .ebpf
-            .take_map(names::CLOSES)
-            .context("the eBPF object has no CLOSES ring buffer")?;
+            .take_map(names::CONNECTIONS)
+            .context("the eBPF object has no CONNECTIONS ring buffer")?;
         Ok(RingBuf::try_from(map)?)
     }
 
@@ -181,12 +184,10 @@ impl Classifier {
     }
 }
 
-/// Fills `PORT_TIMERS` and attaches the sock_ops program to the configured cgroup; does
-/// nothing when no port has timers (the feature is off unless configured).
-fn attach_port_timers(ebpf: &mut Ebpf, timers: &TimerConfig) -> Result<()> {
-    if timers.ports.is_empty() {
-        return Ok(());
-    }
+/// Fills `PORT_TIMERS` and attaches the sock_ops program that follows watched connections and
+/// sets their timers. Without per-port timers, a failure only costs the connection lifecycle
+/// events, so it is returned as a warning (`Ok(Some(..))`); with timers it is an error.
+fn attach_connections(ebpf: &mut Ebpf, timers: &TimerConfig) -> Result<Option<String>> {
     let mut map: HashMap<_, u16, PortTimers> = HashMap::try_from(map(ebpf, names::PORT_TIMERS)?)?;
     for (port, config) in &timers.ports {
         let keepalive = config.keepalive;
@@ -199,18 +200,22 @@ fn attach_port_timers(ebpf: &mut Ebpf, timers: &TimerConfig) -> Result<()> {
         };
         map.insert(port, value, 0).context("filling PORT_TIMERS")?;
     }
+    match load_and_attach_sock_ops(ebpf, timers) {
+        Ok(()) => Ok(None),
+        Err(error) if timers.ports.is_empty() => Ok(Some(format!("{error:#}"))),
+        Err(error) => Err(error.context("--keepalive/--user-timeout need the sock_ops program")),
+    }
+}
+
+fn load_and_attach_sock_ops(ebpf: &mut Ebpf, timers: &TimerConfig) -> Result<()> {
     let path = match &timers.cgroup {
         Some(path) => path.clone(),
         None => cgroup2_root()?,
     };
-    let cgroup = File::open(&path).with_context(|| {
-        format!(
-            "opening the cgroup {} for --keepalive/--user-timeout",
-            path.display()
-        )
-    })?;
+    let cgroup =
+        File::open(&path).with_context(|| format!("opening the cgroup {}", path.display()))?;
     let program: &mut SockOps = ebpf
-        .program_mut(names::PORT_TIMERS_PROGRAM)
+        .program_mut(names::CONNECTIONS_PROGRAM)
         .context("the eBPF object has no sock_ops program")?
         .try_into()?;
     program
@@ -242,9 +247,9 @@ fn cgroup2_root() -> Result<PathBuf> {
             (fstype == "cgroup2").then(|| PathBuf::from(dir))
         })
         .context(
-            "--keepalive/--user-timeout need cgroup v2, which is not mounted here; mount it, \
-             or pass --cgroup (`ip netns exec` gives the agent a private /sys without it: \
-             enter the namespace with `nsenter --net=/run/netns/NAME` instead)",
+            "cgroup v2 is not mounted here; mount it, or pass --cgroup (`ip netns exec` gives \
+             the agent a private /sys without it: enter the namespace with \
+             `nsenter --net=/run/netns/NAME` instead)",
         )
 }
 

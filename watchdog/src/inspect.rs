@@ -123,6 +123,7 @@ impl Printer {
             number("idle_ms").map_or("-".into(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
         let latency = number("total_us")
             .or(number("event_latency_us"))
+            .or(number("after_stale_syn_us"))
             .map_or("-".into(), |us| format!("{:.2} ms", us as f64 / 1000.0));
         let reason = record
             .get("reason")

@@ -3,15 +3,16 @@
 //! The data path, one module each:
 //! packet → classifier (`watchdog-ebpf`, loaded by [`classifier`]) → ring buffer ([`events`])
 //! → decision ([`guard`]) → action ([`action`] through [`sock_diag`]; [`inject`] for held
-//! SYNs) → log ([`report`]), driven by the loop in [`agent`]. Beside it, per-port keepalive
-//! and user timeout: a sock_ops program sets them, [`dead_peers`] explains the deaths.
+//! SYNs) → log ([`report`]), driven by the loop in [`agent`]. Beside it, a sock_ops program
+//! follows the watched connections and sets per-port keepalive and user timeout;
+//! [`connections`] tells their story.
 mod action;
 mod agent;
 mod classifier;
 mod cli;
 mod config;
+mod connections;
 mod control;
-mod dead_peers;
 mod events;
 mod guard;
 mod inject;

@@ -10,7 +10,7 @@ use crate::{
     agent::{Replay, Verdict},
     classifier::Classifier,
     config::{PortTimerConfig, RunConfig},
-    dead_peers::{Cause, DeadPeer},
+    connections::{Cause, DeadPeer, Story},
     events::StaleSyn,
     preflight::KernelFeatures,
 };
@@ -77,10 +77,13 @@ pub fn verdict(syn: &StaleSyn, verdict: &Verdict) {
             %server,
             held = syn.held_frame().is_some(),
             idle_ms = idle.map(millis),
+            bytes_received = syn.raw.stale_bytes_received,
             lookup_us = micros(*lookup),
             destroy_us = micros(*destroy),
             total_us = micros(*since_seen),
-            "destroyed the stale socket"
+            "destroyed the stale socket (idle {}, {} bytes received)",
+            idle.map_or("unknown".into(), |d| format!("{:.1} s", d.as_secs_f64())),
+            syn.raw.stale_bytes_received
         ),
         Verdict::Refused { kind, reason, idle } => info!(
             event = "would_destroy",
@@ -141,7 +144,44 @@ pub fn map_write_failed(error: &anyhow::Error) {
     warn!(event = "map_write_failed", error = %format!("{error:#}"), "could not update a classifier map");
 }
 
-pub fn dead_peer(dead: &DeadPeer) {
+pub fn connection(story: &Story) {
+    match story {
+        Story::Connected {
+            client,
+            server,
+            after_stale_syn,
+        } => match after_stale_syn {
+            Some(after) => info!(
+                event = "connected",
+                %client,
+                %server,
+                after_stale_syn_us = micros(*after),
+                "reconnected {:.2} ms after its stale SYN",
+                after.as_secs_f64() * 1000.0
+            ),
+            None => info!(
+                event = "connected",
+                %client,
+                %server,
+                "a watched connection was established"
+            ),
+        },
+        Story::PeerClosed {
+            client,
+            server,
+            bytes_received,
+        } => info!(
+            event = "peer_closed",
+            %client,
+            %server,
+            bytes_received,
+            "the peer closed its side (FIN)"
+        ),
+        Story::Ended(dead) => dead_peer(dead),
+    }
+}
+
+fn dead_peer(dead: &DeadPeer) {
     let cause = match dead.cause {
         Cause::Keepalive { .. } => "keepalive",
         Cause::Unacknowledged { .. } => "user_timeout",
@@ -160,7 +200,15 @@ pub fn dead_peer(dead: &DeadPeer) {
         idle_ms = dead.idle.map(millis),
         bytes_received = dead.bytes_received,
         reason = %dead.reason(),
-        "a timed connection ended"
+        "a watched connection ended"
+    );
+}
+
+pub fn lifecycle_unavailable(why: &str) {
+    warn!(
+        event = "lifecycle_unavailable",
+        error = why,
+        "no connected/peer_closed/peer_dead events: the sock_ops program could not attach"
     );
 }
 

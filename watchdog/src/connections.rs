@@ -1,0 +1,251 @@
+//! Watched connections' lives, as the sock_ops program reports them, put into words: so that
+//! one client's story reads as a sequence — connected, stale SYN, destroyed, reconnected after
+//! 0.6 ms — and a dead peer's end says what killed it.
+//!
+//! An ESTABLISHED → CLOSE transition alone does not say why: the keepalive timer gave up, data
+//! stayed unacknowledged past the user timeout, the peer sent a reset, or someone (the watchdog
+//! itself, `ss -K`) aborted it. Unacknowledged data is in the report itself; for the rest the
+//! agent samples the timed connections' `tcp_info` twice a second, so that a connection that
+//! had keepalive probes outstanding when it closed is known to have died of them.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use watchdog_common::{ConnectionEvent, connection_event};
+
+use crate::{
+    config::PortTimerConfig,
+    sock_diag::{ConnectionSample, SockDiag},
+};
+
+/// How long the agent remembers the sockets it destroyed itself, and stale SYNs whose client is
+/// expected to connect again.
+const MEMORY: Duration = Duration::from_secs(10);
+
+/// What the agent makes of one [`ConnectionEvent`].
+#[derive(Debug, Clone)]
+pub enum Story {
+    /// A watched connection was established; `after_stale_syn` when it is the client coming
+    /// back after the watchdog cleared its stale socket (from that SYN to now).
+    Connected {
+        client: SocketAddr,
+        server: SocketAddr,
+        after_stale_syn: Option<Duration>,
+    },
+    /// The peer closed its side.
+    PeerClosed {
+        client: SocketAddr,
+        server: SocketAddr,
+        bytes_received: u64,
+    },
+    /// The connection ended abruptly, not by the watchdog's hand.
+    Ended(DeadPeer),
+}
+
+/// Why a timed connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cause {
+    /// Keepalive probes went unanswered.
+    Keepalive { probes: u32 },
+    /// Sent data stayed unacknowledged (user timeout or retransmissions exhausted).
+    Unacknowledged { segments: u32 },
+    /// A reset from the peer or an abort on this host.
+    ResetOrAborted,
+}
+
+/// An abrupt close, explained.
+#[derive(Debug, Clone)]
+pub struct DeadPeer {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub cause: Cause,
+    pub timers: Option<PortTimerConfig>,
+    /// Time without data from the peer at the last sample before the close.
+    pub idle: Option<Duration>,
+    pub bytes_received: u64,
+}
+
+impl DeadPeer {
+    pub fn reason(&self) -> String {
+        let timers = self.timers.as_ref();
+        match &self.cause {
+            Cause::Keepalive { probes } => match timers.and_then(|t| t.keepalive) {
+                Some(k) => format!(
+                    "peer dead: {} keepalive probes unanswered ({}s idle, then one every {}s; \
+                     {probes} seen outstanding)",
+                    k.count,
+                    k.idle.as_secs(),
+                    k.interval.as_secs()
+                ),
+                None => format!("peer dead: keepalive probes unanswered ({probes} seen)"),
+            },
+            Cause::Unacknowledged { segments } => match timers.and_then(|t| t.user_timeout) {
+                Some(t) => format!(
+                    "peer dead: {segments} segment(s) unacknowledged for the user timeout of {} ms",
+                    t.as_millis()
+                ),
+                None => format!(
+                    "peer dead: {segments} segment(s) unacknowledged, retransmissions exhausted"
+                ),
+            },
+            Cause::ResetOrAborted => "reset by the peer or aborted on this host".into(),
+        }
+    }
+}
+
+pub struct Connections {
+    timers: BTreeMap<u16, PortTimerConfig>,
+    /// The latest `tcp_info` sample of each timed connection, by (local, remote), and whether
+    /// the connection was still there at the last sampling.
+    samples: HashMap<(SocketAddr, SocketAddr), (ConnectionSample, bool)>,
+    own_destroys: HashMap<(SocketAddr, SocketAddr), Instant>,
+    /// Stale SYNs whose socket the agent cleared: (server, client) → the SYN's
+    /// `CLOCK_MONOTONIC` ns, to tell how long the client took to get back in.
+    cleared: HashMap<(SocketAddr, SocketAddr), (u64, Instant)>,
+}
+
+impl Connections {
+    pub fn new(timers: BTreeMap<u16, PortTimerConfig>) -> Self {
+        Connections {
+            timers,
+            samples: HashMap::new(),
+            own_destroys: HashMap::new(),
+            cleared: HashMap::new(),
+        }
+    }
+
+    /// Whether any port has timers (and so needs sampling).
+    pub fn timed(&self) -> bool {
+        !self.timers.is_empty()
+    }
+
+    /// Takes a fresh sample of the timed connections.
+    pub fn sample(&mut self, diag: &mut SockDiag) -> Result<()> {
+        let ports: Vec<u16> = self.timers.keys().copied().collect();
+        let now = diag.established_on(&ports)?;
+        // A connection that vanished since the last sample keeps that sample for one more round:
+        // its close report is usually already in the ring buffer. Older ones are forgotten.
+        let mut fresh: HashMap<_, _> = now
+            .into_iter()
+            .map(|s| ((s.local, s.remote), (s, true)))
+            .collect();
+        for (key, (old, current)) in self.samples.drain() {
+            if current {
+                fresh.entry(key).or_insert((old, false));
+            }
+        }
+        self.samples = fresh;
+        self.forget_old(Instant::now());
+        Ok(())
+    }
+
+    fn forget_old(&mut self, now: Instant) {
+        self.own_destroys
+            .retain(|_, at| now.duration_since(*at) < MEMORY);
+        self.cleared
+            .retain(|_, (_, at)| now.duration_since(*at) < MEMORY);
+    }
+
+    /// Remembers a socket the agent destroyed, so its close is not taken for a dead peer, and
+    /// the stale SYN (seen at `syn_seen_ns`) whose client should now connect.
+    pub fn note_own_destroy(&mut self, server: SocketAddr, client: SocketAddr, syn_seen_ns: u64) {
+        let now = Instant::now();
+        self.forget_old(now);
+        self.own_destroys.insert((server, client), now);
+        self.cleared.insert((server, client), (syn_seen_ns, now));
+    }
+
+    /// What one report means; `None` for the close of a socket the agent destroyed itself.
+    pub fn story(&mut self, event: &ConnectionEvent) -> Option<Story> {
+        let local = socket_addr(event.local_addr, event.local_port);
+        let remote = socket_addr(event.remote_addr, event.remote_port);
+        let (client, server) = if event.active == 0 {
+            (remote, local)
+        } else {
+            (local, remote)
+        };
+        match event.kind {
+            connection_event::ESTABLISHED => Some(Story::Connected {
+                client,
+                server,
+                after_stale_syn: self
+                    .cleared
+                    .remove(&(server, client))
+                    .map(|(syn_ns, _)| Duration::from_nanos(event.seen_ns.saturating_sub(syn_ns))),
+            }),
+            connection_event::PEER_CLOSED => {
+                self.samples.remove(&(local, remote));
+                Some(Story::PeerClosed {
+                    client,
+                    server,
+                    bytes_received: event.bytes_received,
+                })
+            }
+            _ => self.explain(event, local, remote).map(Story::Ended),
+        }
+    }
+
+    /// Explains an abrupt close; `None` for the agent's own destroys.
+    fn explain(
+        &mut self,
+        closed: &ConnectionEvent,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Option<DeadPeer> {
+        if self.own_destroys.remove(&(local, remote)).is_some() {
+            self.samples.remove(&(local, remote));
+            return None;
+        }
+        let sample = self.samples.remove(&(local, remote)).map(|(s, _)| s);
+        let cause = if closed.packets_out > 0 {
+            Cause::Unacknowledged {
+                segments: closed.packets_out,
+            }
+        } else if let Some(sample) = sample.as_ref().filter(|s| s.probes > 0) {
+            Cause::Keepalive {
+                probes: u32::from(sample.probes),
+            }
+        } else {
+            Cause::ResetOrAborted
+        };
+        let (client, server, port) = if closed.active == 0 {
+            (remote, local, local.port())
+        } else {
+            (local, remote, remote.port())
+        };
+        Some(DeadPeer {
+            client,
+            server,
+            cause,
+            timers: self.timers.get(&port).copied(),
+            idle: sample.and_then(|s| s.idle),
+            bytes_received: closed.bytes_received,
+        })
+    }
+}
+
+/// Decodes one `CONNECTIONS` record.
+pub fn decode(bytes: &[u8]) -> Result<ConnectionEvent> {
+    if bytes.len() != size_of::<ConnectionEvent>() {
+        bail!(
+            "close record of {} bytes, expected {}: agent and eBPF object disagree",
+            bytes.len(),
+            size_of::<ConnectionEvent>()
+        );
+    }
+    // SAFETY: the length matches and `ConnectionEvent` is plain data valid for any bytes.
+    Ok(unsafe { bytes.as_ptr().cast::<ConnectionEvent>().read_unaligned() })
+}
+
+/// IPv4-mapped addresses (IPv4 sockets, and IPv4 peers of dual-stack ones) as plain IPv4.
+fn socket_addr(addr: [u8; 16], port: u16) -> SocketAddr {
+    let v6 = Ipv6Addr::from(addr);
+    let ip = match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    };
+    SocketAddr::new(ip, port)
+}
