@@ -4,9 +4,10 @@
 //!
 //! An ESTABLISHED → CLOSE transition alone does not say why: the keepalive timer gave up, data
 //! stayed unacknowledged past the user timeout, the peer sent a reset, or someone (the watchdog
-//! itself, `ss -K`) aborted it. Unacknowledged data is in the report itself; for the rest the
-//! agent samples the timed connections' `tcp_info` twice a second, so that a connection that
-//! had keepalive probes outstanding when it closed is known to have died of them.
+//! itself, `ss -K`) aborted it — and by then the kernel has emptied the socket. So the agent
+//! samples the timed connections twice a second: one that still had data waiting for the peer
+//! (unacknowledged, or queued behind a closed window) died of the user timeout; one with
+//! keepalive probes outstanding and nothing to send died of keepalive.
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv6Addr, SocketAddr},
@@ -50,8 +51,8 @@ pub enum Story {
 pub enum Cause {
     /// Keepalive probes went unanswered.
     Keepalive { probes: u32 },
-    /// Sent data stayed unacknowledged (user timeout or retransmissions exhausted).
-    Unacknowledged { segments: u32 },
+    /// Data for the peer stayed unacknowledged (user timeout or retransmissions exhausted).
+    Unacknowledged { queued_bytes: u32 },
     /// A reset from the peer or an abort on this host.
     ResetOrAborted,
 }
@@ -82,13 +83,15 @@ impl DeadPeer {
                 ),
                 None => format!("peer dead: keepalive probes unanswered ({probes} seen)"),
             },
-            Cause::Unacknowledged { segments } => match timers.and_then(|t| t.user_timeout) {
+            Cause::Unacknowledged { queued_bytes } => match timers.and_then(|t| t.user_timeout) {
                 Some(t) => format!(
-                    "peer dead: {segments} segment(s) unacknowledged for the user timeout of {} ms",
+                    "peer dead: data unacknowledged for the user timeout of {} ms \
+                     ({queued_bytes} bytes waiting)",
                     t.as_millis()
                 ),
                 None => format!(
-                    "peer dead: {segments} segment(s) unacknowledged, retransmissions exhausted"
+                    "peer dead: data unacknowledged, retransmissions exhausted \
+                     ({queued_bytes} bytes waiting)"
                 ),
             },
             Cause::ResetOrAborted => "reset by the peer or aborted on this host".into(),
@@ -200,10 +203,14 @@ impl Connections {
             return None;
         }
         let sample = self.samples.remove(&(local, remote)).map(|(s, _)| s);
-        let cause = if closed.packets_out > 0 {
-            Cause::Unacknowledged {
-                segments: closed.packets_out,
-            }
+        let waiting = sample
+            .as_ref()
+            .filter(|s| s.unacked > 0 || s.send_queue > 0)
+            .map(|s| s.send_queue);
+        let cause = if let Some(queued_bytes) = waiting {
+            Cause::Unacknowledged { queued_bytes }
+        } else if closed.packets_out > 0 {
+            Cause::Unacknowledged { queued_bytes: 0 }
         } else if let Some(sample) = sample.as_ref().filter(|s| s.probes > 0) {
             Cause::Keepalive {
                 probes: u32::from(sample.probes),

@@ -70,6 +70,9 @@ pub struct ConnectionSample {
     pub probes: u8,
     /// Segments sent and not yet acknowledged (`tcpi_unacked`).
     pub unacked: u32,
+    /// Bytes written by the application and not yet acknowledged, sent or not (a closed
+    /// receive window keeps them queued).
+    pub send_queue: u32,
     pub idle: Option<Duration>,
 }
 
@@ -139,6 +142,7 @@ impl SockDiag {
                                 unacked: info
                                     .and_then(|i| u32_at(i, TCPI_UNACKED_OFFSET))
                                     .unwrap_or(0),
+                                send_queue: r.header.send_queue,
                                 idle: info.and_then(last_data_recv),
                             });
                         }
