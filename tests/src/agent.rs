@@ -166,8 +166,29 @@ impl Agent {
         Agent::start_binary(&Agent::binary(), net, args)
     }
 
+    /// [`Agent::start`] with only the given capabilities (e.g. `["bpf", "net_admin"]`, as
+    /// `setpriv` spells them): the process stays uid 0 but its bounding set holds nothing else,
+    /// which is what a systemd unit's `CapabilityBoundingSet=` does.
+    pub fn start_with_capabilities(net: &TestNet, caps: &[&str], args: &[&str]) -> Result<Agent> {
+        let bounding = std::iter::once("-all".to_owned())
+            .chain(caps.iter().map(|c| format!("+{c}")))
+            .collect::<Vec<_>>()
+            .join(",");
+        Agent::launch(
+            &Agent::binary(),
+            net,
+            &["setpriv", &format!("--bounding-set={bounding}"), "--inh-caps=-all"],
+            args,
+        )
+    }
+
     /// [`Agent::start`] with an explicit binary.
     pub fn start_binary(bin: &Path, net: &TestNet, args: &[&str]) -> Result<Agent> {
+        Agent::launch(bin, net, &[], args)
+    }
+
+    /// Starts `bin run args` in the server namespace, behind `wrapper` (a command prefix).
+    fn launch(bin: &Path, net: &TestNet, wrapper: &[&str], args: &[&str]) -> Result<Agent> {
         if !bin.is_file() {
             let shown = bin.canonicalize().unwrap_or_else(|_| bin.to_path_buf());
             bail!(
@@ -186,7 +207,9 @@ impl Agent {
             flag_value(args, "--control-socket").unwrap_or_else(|| state.join("control.sock"));
         let journal_arg = journal.to_string_lossy().into_owned();
         let control_arg = control_socket.to_string_lossy().into_owned();
-        let mut full: Vec<&str> = vec![&netns, &bin, "run"];
+        let mut full: Vec<&str> = vec![&netns];
+        full.extend_from_slice(wrapper);
+        full.extend_from_slice(&[&bin, "run"]);
         full.extend_from_slice(args);
         if flag_value(args, "--journal").is_none() {
             full.extend_from_slice(&["--journal", &journal_arg]);

@@ -4,8 +4,10 @@
 //! - `run` builds everything and runs the agent (`cargo xtask run -- run --iface eth0 --port 5000`);
 //! - `test` builds everything and runs every test, the end-to-end ones included (needs root);
 //! - `demo` plays the seed scenario in network namespaces, without and with the watchdog;
-//! - `bench NAME` runs a benchmark program against release builds and prints its ratios.
+//! - `bench NAME` runs a benchmark program against release builds and prints its ratios;
+//! - `install` puts the agent, its config and its systemd unit in place.
 mod build_ebpf;
+mod install;
 mod toolchain;
 
 use std::{
@@ -45,6 +47,12 @@ enum Cmd {
     /// Show the seed scenario in network namespaces: the failure without the watchdog, the
     /// recovery with it; ends with one JSON line on stdout.
     Demo,
+    /// Install the release agent, its config and its systemd unit (as root).
+    Install {
+        /// Install under this directory instead of `/` (for packaging or a look first).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
     /// Run a benchmark (release builds): `reconnect` measures crash → reconnect per mode.
     Bench {
         /// Which benchmark.
@@ -77,6 +85,7 @@ fn main() -> Result<()> {
                 .env("WATCHDOG_BIN", &agent);
             run(&mut demo)
         }
+        Cmd::Install { root } => install::install(&build_agent(true)?, &root),
         Cmd::Bench { name, args } => {
             let agent = build_agent(true)?;
             let mut bench = cargo();
