@@ -37,3 +37,5 @@ pub const ECONNABORTED: i32 = libc::ECONNABORTED;
 
 pub mod embedded_client;
 pub use embedded_client::{Direction, EmbeddedClient, EmbeddedReconnect, Segment};
+
+pub mod spoof;

@@ -18,6 +18,7 @@
 #![no_std]
 #![no_main]
 
+mod checksum;
 mod connections;
 mod packet;
 mod socket;
@@ -79,6 +80,7 @@ pub fn stale_syn_classifier(ctx: TcContext) -> i32 {
     count(Counter::PacketsSeen);
     if let Some(syn) = packet::parse_syn(&ctx)
         && is_watched(&syn)
+        && checksum::valid(&ctx, &syn)
     {
         return check_syn(&ctx, &syn);
     }

@@ -153,7 +153,13 @@ impl RunConfig {
 
         let mut ifaces: Vec<Interface> = Vec::new();
         for name in &iface_names {
-            let iface = resolve_interface(name)?;
+            let iface = resolve_interface(name).map_err(|e| {
+                if args.ifaces.is_empty() {
+                    anyhow!("{}: {e:#}", in_file("ifaces"))
+                } else {
+                    e
+                }
+            })?;
             if !ifaces.contains(&iface) {
                 ifaces.push(iface);
             }
@@ -474,7 +480,10 @@ mod tests {
         let bad_mode = error(&format!("{base}mode = \"nuke\"\n"));
         assert!(bad_mode.contains("nuke"), "{bad_mode}");
         let unknown_iface = error("ifaces = [\"nope0\"]\nports = [5000]\n");
-        assert!(unknown_iface.contains("nope0"), "{unknown_iface}");
+        assert!(
+            unknown_iface.contains("nope0") && unknown_iface.contains("key `ifaces`"),
+            "{unknown_iface}"
+        );
         assert!(error("").contains("nothing to watch"));
     }
 }
