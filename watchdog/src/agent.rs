@@ -46,6 +46,8 @@ use crate::{
 /// Lets a classifier run that read the heartbeat just before it was cleared finish its
 /// ring-buffer submit before the final drain.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(20);
+/// Events handled before the loop looks at its other duties.
+const DRAIN_BATCH: usize = 256;
 /// How often the ring buffer's overflow counter is read; an increase is reported.
 const OVERFLOW_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How often timed connections' `tcp_info` is sampled, to explain their deaths.
@@ -144,8 +146,11 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
             }
             ready = events.readable_mut() => {
                 let mut ready = ready.context("waiting on the ring buffer")?;
-                agent.drain(ready.get_inner_mut());
-                ready.clear_ready();
+                // In batches, so that timers, the control socket and the metrics are served
+                // during a flood; readiness is cleared only once the ring buffer is empty.
+                if agent.drain(ready.get_inner_mut(), DRAIN_BATCH) {
+                    ready.clear_ready();
+                }
             }
         }
     }
@@ -153,7 +158,7 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
     // Stop holding, let in-flight classifier runs finish, replay what they held, then detach.
     agent.classifier.beat(0)?;
     tokio::time::sleep(SHUTDOWN_GRACE).await;
-    agent.drain(events.get_mut());
+    agent.drain(events.get_mut(), usize::MAX);
     report::counters(agent.classifier.counters());
     drop(events);
     drop(agent);
@@ -250,8 +255,14 @@ impl Agent {
         }
     }
 
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
-        while let Some(record) = ring.next() {
+    /// Handles up to `limit` queued events; returns whether the ring buffer is empty. The
+    /// heartbeat is refreshed along the way: a long backlog (a SYN flood) must not make the
+    /// classifier think the agent is gone.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>, limit: usize) -> bool {
+        for _ in 0..limit {
+            let Some(record) = ring.next() else {
+                return true;
+            };
             let read_ns = monotonic_ns();
             match StaleSyn::decode(&record, read_ns) {
                 Ok(syn) => {
@@ -260,7 +271,13 @@ impl Agent {
                 }
                 Err(error) => report::bad_record(&error),
             }
+            if self.last_beat.elapsed() >= Duration::from_nanos(HEARTBEAT_INTERVAL_NS)
+                && let Err(error) = self.beat()
+            {
+                report::map_write_failed(&error);
+            }
         }
+        false
     }
 
     /// Acts first and logs afterwards: the client is waiting for the destroy and the replay,
