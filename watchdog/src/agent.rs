@@ -60,6 +60,7 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
     let outputs = &config.outputs;
     recorder.set_journal(Journal::open(&outputs.journal, journal::Limits::default())?);
     let control = control::bind(&outputs.control_socket, outputs.control_group.as_deref())?;
+    let control_socket_path = outputs.control_socket.clone();
     let metrics = match outputs.metrics {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -98,6 +99,7 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
     let mut agent = Agent {
         connections: Connections::new(config.timers.ports.clone()),
         last_beat: Instant::now(),
+        last_beat_wall: std::time::SystemTime::now(),
         guards: Guards::new(&config, Instant::now()),
         overflows_seen: 0,
         config,
@@ -162,6 +164,7 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
     report::counters(agent.classifier.counters());
     drop(events);
     drop(agent);
+    let _ = std::fs::remove_file(&control_socket_path);
     info!(
         event = "detached",
         "watchdog detached; traffic flows as without it"
@@ -174,6 +177,8 @@ struct Agent {
     guards: Guards,
     connections: Connections,
     last_beat: Instant,
+    /// The same moment on the wall clock, for `watchdog status`.
+    last_beat_wall: std::time::SystemTime,
     /// `ringbuf_full` as last reported.
     overflows_seen: u64,
     diag: SockDiag,
@@ -185,6 +190,7 @@ impl Agent {
     fn beat(&mut self) -> Result<()> {
         self.classifier.beat(monotonic_ns())?;
         self.last_beat = Instant::now();
+        self.last_beat_wall = std::time::SystemTime::now();
         Ok(())
     }
 
@@ -218,7 +224,7 @@ impl Agent {
                 "replay": self.injector.as_ref().map(Injector::method),
                 "ports": config.ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
                 "clients": config.clients.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-                "heartbeat_age_ms": self.last_beat.elapsed().as_millis() as u64,
+                "last_heartbeat": humantime::format_rfc3339_millis(self.last_beat_wall).to_string(),
                 "kernel": features.release.clone(),
             },
             "guards": {

@@ -80,9 +80,9 @@ impl Classifier {
             .program_mut(names::CLASSIFIER)
             .context("the eBPF object has no classifier program")?
             .try_into()?;
-        program.load().context(
-            "the kernel's verifier rejected the classifier (run with RUST_LOG=debug for its log)",
-        )?;
+        program
+            .load()
+            .context("the kernel's verifier rejected the classifier")?;
         let program_id = program.info()?.id();
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         for iface in &config.ifaces {

@@ -184,7 +184,8 @@ impl Connections {
                 Some(Story::PeerClosed {
                     client,
                     server,
-                    bytes_received: event.bytes_received,
+                    // The kernel counts the FIN in `bytes_received`.
+                    bytes_received: event.bytes_received.saturating_sub(1),
                 })
             }
             _ => self.explain(event, local, remote).map(Story::Ended),

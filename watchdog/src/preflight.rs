@@ -16,8 +16,8 @@ use crate::{
     sock_diag::{DestroyProbe, SockDiag},
 };
 
-/// The agent loads BPF programs (CAP_BPF, or CAP_SYS_ADMIN on older kernels), attaches them to
-/// interfaces and destroys sockets (CAP_NET_ADMIN).
+/// The agent loads BPF programs (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN on older kernels),
+/// attaches them to interfaces and cgroups and destroys sockets (CAP_NET_ADMIN).
 pub fn check_capabilities() -> Result<()> {
     let has = |cap| caps::has_cap(None, CapSet::Effective, cap).unwrap_or(false);
     let mut missing = Vec::new();
@@ -26,6 +26,10 @@ pub fn check_capabilities() -> Result<()> {
     }
     if !has(Capability::CAP_BPF) && !has(Capability::CAP_SYS_ADMIN) {
         missing.push("CAP_BPF (or CAP_SYS_ADMIN)");
+    }
+    // Without it the verifier refuses the classifier's pointer arithmetic ("!root").
+    if !has(Capability::CAP_PERFMON) && !has(Capability::CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON (or CAP_SYS_ADMIN)");
     }
     if !missing.is_empty() {
         // SAFETY: no preconditions.
