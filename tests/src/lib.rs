@@ -39,3 +39,5 @@ pub mod embedded_client;
 pub use embedded_client::{Direction, EmbeddedClient, EmbeddedReconnect, Segment};
 
 pub mod spoof;
+
+pub mod refusal;

@@ -6,19 +6,13 @@
 //! Every file is otherwise valid and names the test net's real server veth and port 5000, so
 //! each case has exactly one thing wrong with it.
 
-use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use watchdog_tests::{Agent, TestNet, assert_nothing_attached, require_root};
-
-/// How long a refused start may take before the test calls it a hang.
-const REFUSE_TIMEOUT: Duration = Duration::from_secs(5);
+use watchdog_tests::refusal::run_refused;
+use watchdog_tests::{TestNet, assert_nothing_attached, require_root};
 
 static NEXT_FILE: AtomicU32 = AtomicU32::new(0);
 
@@ -47,58 +41,6 @@ impl Drop for ConfigFile {
     }
 }
 
-/// How a refused start ended.
-struct Refusal {
-    status: ExitStatus,
-    stderr: String,
-}
-
-/// Runs `watchdog run <args...>` in the server namespace and waits for it to end; an agent
-/// still running after [`REFUSE_TIMEOUT`] was not refused, and is killed and reported.
-fn run_refused(net: &TestNet, args: &[&str]) -> Result<Refusal> {
-    let bin = Agent::binary();
-    ensure!(
-        bin.is_file(),
-        "agent binary not found at {}: run `cargo xtask test`",
-        bin.display()
-    );
-    let bin = bin.to_string_lossy().into_owned();
-    let mut full = vec!["netns", "exec", net.server_ns(), &bin, "run"];
-    full.extend_from_slice(args);
-    let shown = format!("ip {}", full.join(" "));
-    let mut child = Command::new("ip")
-        .args(&full)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting `{shown}`"))?;
-    let mut pipe = child.stderr.take().context("agent stderr")?;
-    let reader = thread::spawn(move || {
-        let mut text = String::new();
-        let _ = pipe.read_to_string(&mut text);
-        text
-    });
-    let deadline = Instant::now() + REFUSE_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().context("waiting for the agent")? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let stderr = reader.join().unwrap_or_default();
-            bail!("`{shown}` was not refused: still running after {REFUSE_TIMEOUT:?}:\n{stderr}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    let stderr = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("stderr reader panicked"))?;
-    eprintln!("`{shown}` -> {status}:\n{stderr}");
-    Ok(Refusal { status, stderr })
-}
-
 /// Runs the agent with `file` as its config (alone, then beside valid flags, then with the
 /// JSON log) and checks each run: refused with an exit code, message containing every one of
 /// `needles`, the same in the JSON `fatal` event, nothing attached.
@@ -119,7 +61,7 @@ fn assert_config_refused(net: &TestNet, file: &str, needles: &[&str]) -> Result<
         vec!["--config", config.path(), "--log-format", "json"],
     ];
     for (i, args) in runs.iter().enumerate() {
-        let refusal = run_refused(net, args)?;
+        let refusal = run_refused(net, &[], args)?;
         ensure!(
             refusal.status.code().is_some_and(|c| c != 0),
             "`watchdog run {}` was not refused with an exit code ({}):\n{}",
@@ -191,7 +133,7 @@ fn config_file_with_port_zero_is_refused() -> Result<()> {
         vec!["--config", config.path()],
         vec!["--config", config.path(), "--log-format", "json"],
     ] {
-        let refusal = run_refused(&net, &args)?;
+        let refusal = run_refused(&net, &[], &args)?;
         ensure!(
             refusal.status.code().is_some_and(|c| c != 0),
             "not refused ({}):\n{}",
@@ -225,7 +167,7 @@ fn config_file_with_an_unknown_interface_is_refused() -> Result<()> {
         vec!["--config", config.path()],
         vec!["--config", config.path(), "--log-format", "json"],
     ] {
-        let refusal = run_refused(&net, &args)?;
+        let refusal = run_refused(&net, &[], &args)?;
         ensure!(
             refusal.status.code().is_some_and(|c| c != 0),
             "not refused ({}):\n{}",
