@@ -141,10 +141,14 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
                     agent.status(&features, counters.as_deref());
             }
             _ = timed_sample.tick(), if timed => agent.sample_timed(),
+            // A ring buffer wakes its reader only for a record committed while the reader is
+            // caught up. A record committed between the last read and `clear_ready` has had
+            // its wakeup already; so each drain is followed by one more read after the clear.
             ready = connections.readable_mut() => {
                 let mut ready = ready.context("waiting on the connections ring buffer")?;
                 agent.drain_connections(ready.get_inner_mut());
                 ready.clear_ready();
+                agent.drain_connections(ready.get_inner_mut());
             }
             ready = events.readable_mut() => {
                 let mut ready = ready.context("waiting on the ring buffer")?;
@@ -152,6 +156,7 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
                 // during a flood; readiness is cleared only once the ring buffer is empty.
                 if agent.drain(ready.get_inner_mut(), DRAIN_BATCH) {
                     ready.clear_ready();
+                    agent.drain(ready.get_inner_mut(), DRAIN_BATCH);
                 }
             }
         }
@@ -161,6 +166,7 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
     agent.classifier.beat(0)?;
     tokio::time::sleep(SHUTDOWN_GRACE).await;
     agent.drain(events.get_mut(), usize::MAX);
+    agent.drain_connections(connections.get_mut());
     report::counters(agent.classifier.counters());
     drop(events);
     drop(agent);

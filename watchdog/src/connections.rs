@@ -25,6 +25,8 @@ use crate::{
 /// How long the agent remembers the sockets it destroyed itself, and stale SYNs whose client is
 /// expected to connect again.
 const MEMORY: Duration = Duration::from_secs(10);
+/// How long the last sample of a vanished connection is kept for its close report.
+const VANISHED_MEMORY: Duration = Duration::from_secs(5);
 
 /// What the agent makes of one [`ConnectionEvent`].
 #[derive(Debug, Clone)]
@@ -101,9 +103,9 @@ impl DeadPeer {
 
 pub struct Connections {
     timers: BTreeMap<u16, PortTimerConfig>,
-    /// The latest `tcp_info` sample of each timed connection, by (local, remote), and whether
-    /// the connection was still there at the last sampling.
-    samples: HashMap<(SocketAddr, SocketAddr), (ConnectionSample, bool)>,
+    /// The latest `tcp_info` sample of each timed connection, by (local, remote), and when it
+    /// was taken.
+    samples: HashMap<(SocketAddr, SocketAddr), (ConnectionSample, Instant)>,
     own_destroys: HashMap<(SocketAddr, SocketAddr), Instant>,
     /// Stale SYNs whose socket the agent cleared: (server, client) → the SYN's
     /// `CLOCK_MONOTONIC` ns, to tell how long the client took to get back in.
@@ -129,19 +131,20 @@ impl Connections {
     pub fn sample(&mut self, diag: &mut SockDiag) -> Result<()> {
         let ports: Vec<u16> = self.timers.keys().copied().collect();
         let now = diag.established_on(&ports)?;
-        // A connection that vanished since the last sample keeps that sample for one more round:
-        // its close report is usually already in the ring buffer. Older ones are forgotten.
+        // A connection that vanished keeps its last sample for a while: its close report may
+        // still be on its way. Samples of connections gone longer than that are forgotten.
+        let at = Instant::now();
         let mut fresh: HashMap<_, _> = now
             .into_iter()
-            .map(|s| ((s.local, s.remote), (s, true)))
+            .map(|s| ((s.local, s.remote), (s, at)))
             .collect();
-        for (key, (old, current)) in self.samples.drain() {
-            if current {
-                fresh.entry(key).or_insert((old, false));
+        for (key, (old, seen)) in self.samples.drain() {
+            if at.duration_since(seen) < VANISHED_MEMORY {
+                fresh.entry(key).or_insert((old, seen));
             }
         }
         self.samples = fresh;
-        self.forget_old(Instant::now());
+        self.forget_old(at);
         Ok(())
     }
 
