@@ -303,6 +303,8 @@ fn refuse_second_agent(iface: &Interface) -> Result<()> {
 fn prepare_clsact(iface: &Interface) -> Result<()> {
     match tc::qdisc_add_clsact(&iface.name) {
         Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
+        // aya reports an existing qdisc as netlink's EEXIST.
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
         Err(e) => return Err(e).with_context(|| format!("adding clsact to {}", iface.name)),
     }
     let _ = tc::qdisc_detach_program(&iface.name, TcAttachType::Ingress, names::CLASSIFIER);
