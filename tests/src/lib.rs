@@ -23,7 +23,8 @@ pub mod traffic;
 pub use agent::{Agent, AgentExit, AgentLine, num_field, str_field};
 pub use dumb_client::{Connection, DumbClient, ReconnectOutcome, connect_healthy};
 pub use hooks::{
-    assert_nothing_attached, assert_only_program_attached, clsact_present, tcx_ingress_programs,
+    assert_nothing_attached, assert_only_program_attached, clsact_ingress_programs, clsact_present,
+    ingress_programs, kernel_has_tcx, tcx_ingress_programs,
 };
 pub use legacy_server::{Accepted, Bind, CloseHow, Closed, LegacyServer, ServerEvent};
 pub use netns::{Family, TestNet, ns_exec, run_in_ns, tcp_ext_counters};

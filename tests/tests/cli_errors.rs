@@ -1,16 +1,16 @@
 //! Start-up errors: every refusal says what is wrong, exits non-zero and attaches nothing.
 //!
 //! The agent runs in a test net's server namespace, like in production next to the server. The
-//! check "nothing attached" asks the kernel which programs hang on the server veth's TCX ingress
-//! hook (and whether a `clsact` qdisc appeared, the pre-TCX hook); the test of a successful run
-//! shows that the same check sees the agent's program while it runs.
+//! check "nothing attached" asks the kernel which programs hang on the server veth's ingress hook
+//! (TCX links, or the pre-TCX `clsact` filters, and whether a `clsact` qdisc appeared); the test
+//! of a successful run shows that the same check sees the agent's program while it runs.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use watchdog_tests::refusal::{assert_refused, run_refused};
-use watchdog_tests::{Agent, TestNet, assert_nothing_attached, require_root, tcx_ingress_programs};
+use watchdog_tests::{Agent, TestNet, assert_nothing_attached, ingress_programs, require_root};
 
 /// The control: the check sees the agent's program while it runs, and nothing after SIGTERM.
 #[test]
@@ -22,7 +22,7 @@ fn a_running_agent_is_seen_attached_and_detaches_on_sigterm() -> Result<()> {
     assert_nothing_attached(&net)?;
     let agent = Agent::start(&net, &["--iface", net.server_iface(), "--port", "5000"])?;
     let attached = agent.wait_for_event("attached", Duration::from_secs(1))?;
-    let programs = tcx_ingress_programs(&net)?;
+    let programs = ingress_programs(&net)?;
     ensure!(
         programs == vec![agent.program_id()?],
         "expected exactly the agent's program on {} ingress, found {programs:?}; attached: {attached}",
