@@ -10,7 +10,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 use watchdog_tests::refusal::{assert_refused, run_refused};
-use watchdog_tests::{Agent, TestNet, assert_nothing_attached, ingress_programs, require_root};
+use watchdog_tests::{
+    Agent, TestNet, assert_nothing_attached, assert_only_program_attached, ingress_programs,
+    require_root,
+};
 
 /// The control: the check sees the agent's program while it runs, and nothing after SIGTERM.
 #[test]
@@ -32,6 +35,47 @@ fn a_running_agent_is_seen_attached_and_detaches_on_sigterm() -> Result<()> {
     ensure!(
         exit.status.success(),
         "agent exited with {}:\n{}",
+        exit.status,
+        exit.output()
+    );
+    assert_nothing_attached(&net)
+}
+
+/// A second agent on an interface that one already watches is refused, and the first keeps it:
+/// two agents would both hold and replay every stale SYN. With TCX the running agent's program
+/// is found by name; before TCX, its clsact filter, by its fresh heartbeat.
+#[test]
+fn a_second_agent_on_the_same_interface_is_refused() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let net = TestNet::new("cli_second")?;
+    let first = Agent::start(&net, &["--iface", net.server_iface(), "--port", "5000"])?;
+    let program = first.program_id()?;
+    let state = std::env::temp_dir().join(format!("watchdog-second-{}", net.server_ns()));
+    let journal = state.join("journal").to_string_lossy().into_owned();
+    let socket = state.join("control.sock").to_string_lossy().into_owned();
+    let refusal = run_refused(
+        &net,
+        &[],
+        &[
+            "--iface",
+            net.server_iface(),
+            "--port",
+            "5000",
+            "--journal",
+            &journal,
+            "--control-socket",
+            &socket,
+        ],
+    )?;
+    let _ = std::fs::remove_dir_all(&state);
+    assert_refused(&refusal, &["another watchdog agent", net.server_iface()])?;
+    assert_only_program_attached(&net, program)?;
+    let exit = first.stop()?;
+    ensure!(
+        exit.status.success(),
+        "the first agent exited with {}:\n{}",
         exit.status,
         exit.output()
     );

@@ -3,20 +3,24 @@
 //! program that sets them.
 //!
 //! Dropping [`Classifier`] detaches everything: TCX and cgroup links (kernel ≥ 6.6 / 5.7) are
-//! owned by file descriptors, netlink (clsact) filters are removed by aya on drop.
+//! owned by file descriptors, netlink (clsact) filters are removed by aya on drop, and a clsact
+//! qdisc the agent added goes after them ([`clsact`]).
 use std::{fs::File, os::fd::AsRawFd, path::PathBuf};
 
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, Xdp, tc},
+    programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, Xdp},
     util::KernelVersion,
 };
 use ipnet::IpNet;
 use watchdog_common::{Counter, PortTimers, ReplayKey, TupleKey, names};
 
-use crate::config::{Interface, Mode, RunConfig, TimerConfig};
+use crate::{
+    clsact,
+    config::{Interface, Mode, RunConfig, TimerConfig},
+};
 
 /// The classifier's name as the kernel keeps it (`BPF_OBJ_NAME_LEN` is 16 with the NUL).
 const KERNEL_PROGRAM_NAME: &str = "stale_syn_class";
@@ -35,6 +39,28 @@ pub struct Classifier {
     pub attach_kind: &'static str,
     /// Why connection lifecycle events are off, when they are.
     pub lifecycle_unavailable: Option<String>,
+    /// Declared after `ebpf`, so it drops after the filters are gone.
+    _added_clsact: AddedClsact,
+}
+
+/// The interfaces whose clsact qdisc this agent added; removed again on drop when nothing else
+/// hangs on them.
+#[derive(Default)]
+struct AddedClsact(Vec<Interface>);
+
+impl Drop for AddedClsact {
+    fn drop(&mut self) {
+        for iface in &self.0 {
+            if let Err(error) = clsact::remove_if_unused(iface.index) {
+                tracing::warn!(
+                    event = "clsact_left",
+                    iface = %iface.name,
+                    error = %format!("{error:#}"),
+                    "could not remove the clsact qdisc this agent added"
+                );
+            }
+        }
+    }
 }
 
 impl Classifier {
@@ -85,11 +111,12 @@ impl Classifier {
             .context("the kernel's verifier rejected the classifier")?;
         let program_id = program.info()?.id();
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let mut added_clsact = AddedClsact::default();
         for iface in &config.ifaces {
             if tcx {
                 refuse_second_agent(iface)?;
-            } else {
-                prepare_clsact(iface)?;
+            } else if clsact::prepare(iface)? {
+                added_clsact.0.push(iface.clone());
             }
             program
                 .attach(&iface.name, TcAttachType::Ingress)
@@ -115,6 +142,7 @@ impl Classifier {
             program_id,
             attach_kind: if tcx { "tcx" } else { "clsact" },
             lifecycle_unavailable,
+            _added_clsact: added_clsact,
         })
     }
 
@@ -295,19 +323,6 @@ fn refuse_second_agent(iface: &Interface) -> Result<()> {
             other.id()
         );
     }
-    Ok(())
-}
-
-/// Before TCX, filters hang on a `clsact` qdisc and outlive a killed agent; ours are removed
-/// so that a restart takes over instead of attaching twice.
-fn prepare_clsact(iface: &Interface) -> Result<()> {
-    match tc::qdisc_add_clsact(&iface.name) {
-        Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
-        // aya reports an existing qdisc as netlink's EEXIST.
-        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-        Err(e) => return Err(e).with_context(|| format!("adding clsact to {}", iface.name)),
-    }
-    let _ = tc::qdisc_detach_program(&iface.name, TcAttachType::Ingress, names::CLASSIFIER);
     Ok(())
 }
 

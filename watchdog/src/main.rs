@@ -10,6 +10,7 @@ mod action;
 mod agent;
 mod classifier;
 mod cli;
+mod clsact;
 mod config;
 mod connections;
 mod control;
