@@ -261,6 +261,18 @@ impl DumbClient {
     /// Connects again from the fixed port, as the rebooted client does, waiting at most
     /// `deadline`. Not connecting is an outcome, not an error.
     pub fn reconnect(&self, deadline: Duration) -> Result<ReconnectOutcome> {
+        self.reconnect_gated(deadline, || {})
+    }
+
+    /// [`DumbClient::reconnect`] that calls `gate` right before its first SYN leaves (after the
+    /// firewall rules are in place, right before `connect`): a test that times things against
+    /// the client's SYN timer, or must act just before the SYN, synchronises there rather than
+    /// before the set-up (which takes a second under emulation).
+    pub fn reconnect_gated(
+        &self,
+        deadline: Duration,
+        gate: impl FnOnce(),
+    ) -> Result<ReconnectOutcome> {
         // Dumb: deaf to the challenge ACK. Cooperative: its RST in answer may leave.
         let set = if self.cooperative {
             "cooperating"
@@ -270,6 +282,7 @@ impl DumbClient {
         let _rules = InSet::new(&self.ns, set, self.local.port())?;
         let socket = self.fixed_port_socket()?;
         socket.set_nonblocking(true).context("O_NONBLOCK")?;
+        gate();
         let start = Instant::now();
         match socket.connect(&SockAddr::from(self.server)) {
             Ok(()) => {}
