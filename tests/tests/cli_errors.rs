@@ -12,7 +12,7 @@ use serde_json::Value;
 use watchdog_tests::refusal::{assert_refused, run_refused};
 use watchdog_tests::{
     Agent, TestNet, assert_nothing_attached, assert_only_program_attached, ingress_programs,
-    require_root,
+    kernel_has_tcx, require_root,
 };
 
 /// The control: the check sees the agent's program while it runs, and nothing after SIGTERM.
@@ -69,8 +69,37 @@ fn a_second_agent_on_the_same_interface_is_refused() -> Result<()> {
             &socket,
         ],
     )?;
-    let _ = std::fs::remove_dir_all(&state);
     assert_refused(&refusal, &["another watchdog agent", net.server_iface()])?;
+    assert_only_program_attached(&net, program)?;
+
+    // With only the systemd unit's capabilities, which cannot read another program's maps.
+    let minimal = [
+        "setpriv",
+        "--bounding-set=-all,+bpf,+perfmon,+net_admin,+net_raw",
+        "--inh-caps=-all",
+    ];
+    let refusal = run_refused(
+        &net,
+        &minimal,
+        &[
+            "--iface",
+            net.server_iface(),
+            "--port",
+            "5000",
+            "--journal",
+            &journal,
+            "--control-socket",
+            &socket,
+        ],
+    )?;
+    let _ = std::fs::remove_dir_all(&state);
+    if kernel_has_tcx() {
+        // Listing the TCX programs needs their ids opened: refused, naming the interface.
+        assert_refused(&refusal, &[net.server_iface()])?;
+    } else {
+        // The running agent holds the interface's lock.
+        assert_refused(&refusal, &["another watchdog agent", net.server_iface()])?;
+    }
     assert_only_program_attached(&net, program)?;
     let exit = first.stop()?;
     ensure!(

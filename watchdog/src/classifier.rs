@@ -41,6 +41,8 @@ pub struct Classifier {
     pub lifecycle_unavailable: Option<String>,
     /// Declared after `ebpf`, so it drops after the filters are gone.
     _added_clsact: AddedClsact,
+    /// Pre-TCX only: this agent's claim on each interface, released last.
+    _locks: Vec<clsact::InterfaceLock>,
 }
 
 /// The interfaces whose clsact qdisc this agent added; removed again on drop when nothing else
@@ -112,11 +114,16 @@ impl Classifier {
         let program_id = program.info()?.id();
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         let mut added_clsact = AddedClsact::default();
+        let mut locks = Vec::new();
         for iface in &config.ifaces {
             if tcx {
                 refuse_second_agent(iface)?;
-            } else if clsact::prepare(iface)? {
-                added_clsact.0.push(iface.clone());
+            } else {
+                let (added, lock) = clsact::prepare(iface)?;
+                if added {
+                    added_clsact.0.push(iface.clone());
+                }
+                locks.push(lock);
             }
             program
                 .attach(&iface.name, TcAttachType::Ingress)
@@ -143,6 +150,7 @@ impl Classifier {
             attach_kind: if tcx { "tcx" } else { "clsact" },
             lifecycle_unavailable,
             _added_clsact: added_clsact,
+            _locks: locks,
         })
     }
 

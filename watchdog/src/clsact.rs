@@ -10,12 +10,26 @@
 //! * an older (or cleared) one was left by a killed agent: that filter already passes
 //!   everything, and it is removed before this agent attaches.
 //!
+//! Reading another program's maps by id needs `CAP_SYS_ADMIN`, which the systemd unit does not
+//! grant. So an agent also holds a lock for each interface it watches this way
+//! (`/run/watchdog/clsact-<netns>-<ifindex>.lock`, `flock`): the kernel drops it when the process
+//! dies, whatever killed it, so a lock held elsewhere is a running (perhaps frozen) agent and the
+//! start is refused without reading anything. An unreadable heartbeat with the lock free is
+//! taken for a dead agent's (an agent in another mount namespace, with another `/run`, is the
+//! case neither check sees).
+//!
 //! At exit aya removes this agent's filter; the `clsact` qdisc goes too when this agent added it
 //! and nothing else hangs on it, so a clean run leaves the interface as it found it.
 //!
 //! aya lists TCX programs but not netlink filters, so this module speaks rtnetlink itself: a
 //! filter dump (`RTM_GETTFILTER`) and a qdisc delete (`RTM_DELQDISC`).
-use std::{io, time::Duration};
+use std::{
+    fs::{File, OpenOptions},
+    io,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -59,9 +73,32 @@ pub struct BpfFilter {
     pub program_id: u32,
 }
 
+/// Where the per-interface locks live.
+const LOCK_DIR: &str = "/run/watchdog";
+
+/// This agent's claim on an interface it watches through clsact; released when the agent exits
+/// or dies. `None` inside when the lock could not be made (a read-only `/run`, say): then only
+/// the heartbeat tells.
+pub struct InterfaceLock {
+    _file: Option<File>,
+}
+
+/// How a watchdog filter's agent looks from here.
+enum Heartbeat {
+    Age(Duration),
+    /// Cleared by an agent on its way out, or never set.
+    Cleared,
+    /// The program is gone (the filter with it, meanwhile).
+    Gone,
+    /// Its maps cannot be read from here (no `CAP_SYS_ADMIN`).
+    Unreadable(String),
+}
+
 /// Makes sure `iface` has a clsact qdisc and that no other live agent watches it; removes the
-/// filters of dead ones. Returns whether this call added the qdisc (see [`remove_if_unused`]).
-pub fn prepare(iface: &Interface) -> Result<bool> {
+/// filters of dead ones. Returns whether this call added the qdisc (see [`remove_if_unused`])
+/// and the interface's lock, to keep while attached.
+pub fn prepare(iface: &Interface) -> Result<(bool, InterfaceLock)> {
+    let lock = lock(iface)?;
     let added = match tc::qdisc_add_clsact(&iface.name) {
         Ok(()) => true,
         Err(tc::TcError::AlreadyAttached) => false,
@@ -74,30 +111,73 @@ pub fn prepare(iface: &Interface) -> Result<bool> {
         .filter(|f| f.name == names::CLASSIFIER)
         .collect();
     if ours.is_empty() {
-        return Ok(added);
+        return Ok((added, lock));
     }
+    let mut why = Vec::new();
     for filter in &ours {
-        if let Some(age) = heartbeat_age(filter.program_id)?
-            && age < Duration::from_nanos(HEARTBEAT_TIMEOUT_NS)
-        {
-            bail!(
+        match heartbeat(filter.program_id)? {
+            Heartbeat::Age(age) if age < Duration::from_nanos(HEARTBEAT_TIMEOUT_NS) => bail!(
                 "another watchdog agent is attached to {} (program id {}, heartbeat {} ms ago): \
                  stop it first",
                 iface.name,
                 filter.program_id,
                 age.as_millis()
-            );
+            ),
+            Heartbeat::Age(age) => why.push(format!(
+                "program {}: heartbeat {} ms old",
+                filter.program_id,
+                age.as_millis()
+            )),
+            Heartbeat::Cleared => why.push(format!("program {}: heartbeat cleared", filter.program_id)),
+            Heartbeat::Gone => why.push(format!("program {}: gone", filter.program_id)),
+            Heartbeat::Unreadable(error) => why.push(format!(
+                "program {}: heartbeat unreadable ({error}), and no agent holds the interface's lock",
+                filter.program_id
+            )),
         }
     }
     tracing::info!(
         event = "stale_filter_removed",
         iface = %iface.name,
         program_ids = %ours.iter().map(|f| f.program_id.to_string()).collect::<Vec<_>>().join(","),
-        "removing the clsact filter of an agent that is gone (its heartbeat is stale)"
+        why = %why.join("; "),
+        "removing the clsact filter of an agent that is gone"
     );
     tc::qdisc_detach_program(&iface.name, TcAttachType::Ingress, names::CLASSIFIER)
         .with_context(|| format!("removing a dead agent's clsact filter from {}", iface.name))?;
-    Ok(added)
+    Ok((added, lock))
+}
+
+/// Takes the interface's lock, or refuses the start when another process holds it.
+fn lock(iface: &Interface) -> Result<InterfaceLock> {
+    let netns = match std::fs::metadata("/proc/thread-self/ns/net") {
+        Ok(meta) => meta.ino(),
+        Err(_) => return Ok(InterfaceLock { _file: None }),
+    };
+    let path = PathBuf::from(LOCK_DIR).join(format!("clsact-{netns}-{}.lock", iface.index));
+    let file = std::fs::create_dir_all(LOCK_DIR).and_then(|()| {
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+    });
+    let Ok(file) = file else {
+        return Ok(InterfaceLock { _file: None });
+    };
+    // SAFETY: plain syscall on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!(
+                "another watchdog agent is attached to {} (it holds {}): stop it first",
+                iface.name,
+                path.display()
+            );
+        }
+        return Ok(InterfaceLock { _file: None });
+    }
+    Ok(InterfaceLock { _file: Some(file) })
 }
 
 /// Deletes the clsact qdisc of `ifindex` when only watchdog filters (or none) hang on it. Call
@@ -123,19 +203,31 @@ pub fn remove_if_unused(ifindex: u32) -> Result<()> {
     exchange(&request).context("deleting the clsact qdisc this agent added")
 }
 
-/// How long ago the program's agent last beat, `None` when it never did or cleared it.
-fn heartbeat_age(program_id: u32) -> Result<Option<Duration>> {
-    let Some(program) = loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == program_id)
-    else {
-        // Gone meanwhile: nothing to wait for.
-        return Ok(None);
+/// How long ago the program's agent last beat.
+fn heartbeat(program_id: u32) -> Result<Heartbeat> {
+    let mut unreadable = None;
+    let mut program = None;
+    for info in loaded_programs() {
+        match info {
+            Ok(info) if info.id() == program_id => {
+                program = Some(info);
+                break;
+            }
+            Ok(_) => {}
+            // Listing or opening programs by id needs CAP_SYS_ADMIN.
+            Err(error) => unreadable = Some(format!("{error}")),
+        }
+    }
+    let Some(program) = program else {
+        return Ok(match unreadable {
+            Some(error) => Heartbeat::Unreadable(error),
+            None => Heartbeat::Gone,
+        });
     };
-    let map_ids = program
-        .map_ids()
-        .with_context(|| format!("reading the map ids of program {program_id}"))?
-        .unwrap_or_default();
+    let map_ids = match program.map_ids() {
+        Ok(ids) => ids.unwrap_or_default(),
+        Err(error) => return Ok(Heartbeat::Unreadable(format!("{error}"))),
+    };
     for map_id in map_ids {
         let Ok(info) = MapInfo::from_id(map_id) else {
             continue;
@@ -143,18 +235,23 @@ fn heartbeat_age(program_id: u32) -> Result<Option<Duration>> {
         if info.name_as_str() != Some(names::HEARTBEAT) {
             continue;
         }
-        let data = MapData::from_id(map_id)
-            .with_context(|| format!("opening the HEARTBEAT map of program {program_id}"))?;
+        let data = match MapData::from_id(map_id) {
+            Ok(data) => data,
+            Err(error) => return Ok(Heartbeat::Unreadable(format!("{error}"))),
+        };
         let heartbeat: Array<MapData, u64> = Array::try_from(Map::from_map_data(data)?)?;
         let beat = heartbeat.get(&0, 0)?;
         if beat == 0 {
-            return Ok(None);
+            return Ok(Heartbeat::Cleared);
         }
-        return Ok(Some(Duration::from_nanos(
+        return Ok(Heartbeat::Age(Duration::from_nanos(
             monotonic_ns().saturating_sub(beat),
         )));
     }
-    Ok(None)
+    Ok(Heartbeat::Unreadable(format!(
+        "program {program_id} has no readable {} map",
+        names::HEARTBEAT
+    )))
 }
 
 /// The BPF filters under `parent` (a clsact hook) of `ifindex`.
