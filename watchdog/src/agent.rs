@@ -36,6 +36,7 @@ use crate::{
     guard::{Decision, Guards},
     inject::Injector,
     journal::{self, Journal},
+    logging::Batch,
     metrics,
     preflight::{self, KernelFeatures},
     recorder::Recorder,
@@ -48,8 +49,22 @@ use crate::{
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(20);
 /// Events handled before the loop looks at its other duties.
 const DRAIN_BATCH: usize = 256;
-/// How often the ring buffer's overflow counter is read; an increase is reported.
+/// Kernel counters of reports a full ring buffer could not take, and what went unreported.
+const LOSS_COUNTERS: [(Counter, &str); 2] = [
+    (
+        Counter::RingbufFull,
+        "stale SYNs went to the kernel unreported and unheld",
+    ),
+    (
+        Counter::LifecycleLost,
+        "connection lifecycle reports were lost",
+    ),
+];
+/// How often the ring buffers' loss counters are read; an increase is reported.
 const OVERFLOW_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the lifecycle reports are read when they are few: they wake the agent only when
+/// many are waiting (`watchdog-ebpf/src/connections.rs`).
+const LIFECYCLE_DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 /// How often timed connections' `tcp_info` is sampled, to explain their deaths.
 const TIMED_SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a refused tuple's SYNs go to the kernel instead of being held.
@@ -97,11 +112,12 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
         Mode::Observe | Mode::Destroy => None,
     };
     let mut agent = Agent {
+        recorder: recorder.clone(),
         connections: Connections::new(config.timers.ports.clone()),
         last_beat: Instant::now(),
         last_beat_wall: std::time::SystemTime::now(),
         guards: Guards::new(&config, Instant::now()),
-        overflows_seen: 0,
+        losses_seen: [0; LOSS_COUNTERS.len()],
         config,
         diag,
         classifier,
@@ -125,6 +141,7 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
     let mut heartbeat = tokio::time::interval(Duration::from_nanos(HEARTBEAT_INTERVAL_NS));
     let mut overflow_check = tokio::time::interval(OVERFLOW_CHECK_INTERVAL);
     let mut timed_sample = tokio::time::interval(TIMED_SAMPLE_INTERVAL);
+    let mut lifecycle_drain = tokio::time::interval(LIFECYCLE_DRAIN_INTERVAL);
     let timed = agent.connections.timed();
     loop {
         tokio::select! {
@@ -141,6 +158,7 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
                     agent.status(&features, counters.as_deref());
             }
             _ = timed_sample.tick(), if timed => agent.sample_timed(),
+            _ = lifecycle_drain.tick() => agent.drain_connections(connections.get_mut()),
             // A ring buffer wakes its reader only for a record committed while the reader is
             // caught up. A record committed between the last read and `clear_ready` has had
             // its wakeup already; so each drain is followed by one more read after the clear.
@@ -151,6 +169,9 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
                 agent.drain_connections(ready.get_inner_mut());
             }
             ready = events.readable_mut() => {
+                // Lifecycle reports queued before these SYNs come first, so that the journal
+                // tells a client's story in the order the kernel saw it.
+                agent.drain_connections(connections.get_mut());
                 let mut ready = ready.context("waiting on the ring buffer")?;
                 // In batches, so that timers, the control socket and the metrics are served
                 // during a flood; readiness is cleared only once the ring buffer is empty.
@@ -180,13 +201,14 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
 
 struct Agent {
     config: RunConfig,
+    recorder: Arc<Recorder>,
     guards: Guards,
     connections: Connections,
     last_beat: Instant,
     /// The same moment on the wall clock, for `watchdog status`.
     last_beat_wall: std::time::SystemTime,
-    /// `ringbuf_full` as last reported.
-    overflows_seen: u64,
+    /// [`LOSS_COUNTERS`] as last reported.
+    losses_seen: [u64; LOSS_COUNTERS.len()],
     diag: SockDiag,
     classifier: Classifier,
     injector: Option<Injector>,
@@ -200,15 +222,18 @@ impl Agent {
         Ok(())
     }
 
-    /// Reports stale SYNs the classifier could not queue since the last check: they went to
-    /// the kernel unreported (and unheld), which is safe but must never be silent.
+    /// Reports what the kernel could not queue since the last check: stale SYNs that went to
+    /// the kernel unreported (and unheld), which is safe but must never be silent, and
+    /// lifecycle reports lost to a burst of connections.
     fn check_overflow(&mut self, counters: &[(Counter, u64)]) {
-        let Some(&(_, full)) = counters.iter().find(|(c, _)| *c == Counter::RingbufFull) else {
-            return;
-        };
-        if full > self.overflows_seen {
-            report::ring_buffer_overflow(full - self.overflows_seen, full);
-            self.overflows_seen = full;
+        for (seen, (counter, lost)) in self.losses_seen.iter_mut().zip(LOSS_COUNTERS) {
+            let Some(&(_, total)) = counters.iter().find(|(c, _)| *c == counter) else {
+                continue;
+            };
+            if total > *seen {
+                report::reports_lost(counter, lost, total - *seen, total);
+                *seen = total;
+            }
         }
     }
 
@@ -253,7 +278,10 @@ impl Agent {
         }
     }
 
+    /// Reports every queued lifecycle event, in one [`Batch`]: they are observations, and a
+    /// busy port brings thousands at once.
     fn drain_connections(&mut self, ring: &mut RingBuf<MapData>) {
+        let _batch = Batch::open(&self.recorder);
         while let Some(record) = ring.next() {
             match connections::decode(&record) {
                 Ok(event) => {

@@ -177,10 +177,7 @@ impl Connections {
             connection_event::ESTABLISHED => Some(Story::Connected {
                 client,
                 server,
-                after_stale_syn: self
-                    .cleared
-                    .remove(&(server, client))
-                    .map(|(syn_ns, _)| Duration::from_nanos(event.seen_ns.saturating_sub(syn_ns))),
+                after_stale_syn: self.reconnected_after(server, client, event.seen_ns),
             }),
             connection_event::PEER_CLOSED => {
                 self.samples.remove(&(local, remote));
@@ -193,6 +190,23 @@ impl Connections {
             }
             _ => self.explain(event, local, remote).map(Story::Ended),
         }
+    }
+
+    /// How long after its cleared stale SYN a connection established at `established_ns`
+    /// came back; `None` when it is not such a return (a connection established before the
+    /// SYN is the one the SYN found stale).
+    fn reconnected_after(
+        &mut self,
+        server: SocketAddr,
+        client: SocketAddr,
+        established_ns: u64,
+    ) -> Option<Duration> {
+        let &(syn_ns, _) = self.cleared.get(&(server, client))?;
+        if established_ns < syn_ns {
+            return None;
+        }
+        self.cleared.remove(&(server, client));
+        Some(Duration::from_nanos(established_ns - syn_ns))
     }
 
     /// Explains an abrupt close; `None` for the agent's own destroys.
@@ -259,4 +273,61 @@ fn socket_addr(addr: [u8; 16], port: u16) -> SocketAddr {
         None => IpAddr::V6(v6),
     };
     SocketAddr::new(ip, port)
+}
+
+#[cfg(test)]
+mod tests {
+    use watchdog_common::ipv4_mapped;
+
+    use super::*;
+
+    fn established(seen_ns: u64) -> ConnectionEvent {
+        ConnectionEvent {
+            seen_ns,
+            bytes_received: 0,
+            remote_addr: ipv4_mapped([10, 0, 0, 2]),
+            local_addr: ipv4_mapped([10, 0, 0, 1]),
+            remote_port: 1025,
+            local_port: 5000,
+            family: 2,
+            active: 0,
+            kind: connection_event::ESTABLISHED,
+            _pad: 0,
+            packets_out: 0,
+            total_retrans: 0,
+            data_segs_in: 0,
+            _pad2: 0,
+        }
+    }
+
+    fn after_stale_syn(story: Option<Story>) -> Option<Duration> {
+        match story {
+            Some(Story::Connected {
+                after_stale_syn, ..
+            }) => after_stale_syn,
+            other => panic!("expected a connection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_a_connection_established_after_the_cleared_syn_is_its_return() {
+        let mut connections = Connections::new(BTreeMap::new());
+        let server: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let client: SocketAddr = "10.0.0.2:1025".parse().unwrap();
+        connections.note_own_destroy(server, client, 5_000);
+        // The stale connection's own establishment, read only after the SYN was handled.
+        assert_eq!(
+            after_stale_syn(connections.story(&established(1_000))),
+            None
+        );
+        assert_eq!(
+            after_stale_syn(connections.story(&established(5_600))),
+            Some(Duration::from_nanos(600))
+        );
+        // Matched once: the next connection is an ordinary one.
+        assert_eq!(
+            after_stale_syn(connections.story(&established(9_000))),
+            None
+        );
+    }
 }

@@ -133,10 +133,13 @@ pub fn replay(syn: &StaleSyn, replay: &Replay) {
     }
 }
 
-pub fn ring_buffer_overflow(new: u64, total: u64) {
+/// `counter`, a count of reports a full ring buffer could not take, grew by `new`: `lost`
+/// says what went unreported. The event is the counter's name (`ringbuf_full`,
+/// `lifecycle_lost`).
+pub fn reports_lost(counter: Counter, lost: &str, new: u64, total: u64) {
     warn!(
-        event = "ringbuf_full",
-        new, total, "the agent fell behind: stale SYNs went to the kernel unreported and unheld"
+        event = counter.name(),
+        new, total, "the agent fell behind: {lost}"
     );
 }
 
@@ -247,6 +250,7 @@ pub fn counters(counters: Result<Vec<(Counter, u64)>>) {
         timers_applied = get(Counter::TimersApplied),
         timers_failed = get(Counter::TimersFailed),
         abrupt_closes = get(Counter::AbruptCloses),
+        lifecycle_lost = get(Counter::LifecycleLost),
         "classifier counters"
     );
 }
