@@ -6,8 +6,8 @@
 //! * reports its establishment,
 //! * switches keepalive on with the port's timers and sets `TCP_USER_TIMEOUT`, when the port has
 //!   them — what the legacy server would have done with `setsockopt` had it known how,
-//! * asks for state callbacks and reports the peer's close (ESTABLISHED → CLOSE_WAIT) and an
-//!   abrupt end (ESTABLISHED → CLOSE: a dead peer, a reset or an abort),
+//! * asks for state callbacks until it leaves ESTABLISHED, and reports the peer's close
+//!   (→ CLOSE_WAIT) and an abrupt end (→ CLOSE: a dead peer, a reset or an abort),
 //!
 //! all through the `CONNECTIONS` ring buffer. These reports are observations, not decisions:
 //! they wake the agent only once [`WAKEUP_BYTES`] are waiting (it drains them on a timer
@@ -83,18 +83,22 @@ pub fn watched_connections(ctx: SockOpsContext) -> u32 {
                 follow(&ctx, &snapshot, connection_event::ESTABLISHED, true);
             }
         }
-        // Only followed connections get state callbacks; most of them are the ordinary steps
-        // of a close (FIN_WAIT1, FIN_WAIT2, TIME_WAIT …), which cost no map look-up.
-        BPF_SOCK_OPS_STATE_CB => match (snapshot.args[0], snapshot.args[1]) {
-            (BPF_TCP_ESTABLISHED, BPF_TCP_CLOSE_WAIT) => {
-                report(&snapshot, connection_event::PEER_CLOSED, is_active(&snapshot));
+        // Only followed connections get state callbacks, and only until they leave
+        // ESTABLISHED: the rest of a close (FIN_WAIT2, TIME_WAIT, LAST_ACK …) tells nothing
+        // more, and each callback costs every connection of a busy port.
+        BPF_SOCK_OPS_STATE_CB if snapshot.args[0] == BPF_TCP_ESTABLISHED => {
+            stop_following(&ctx);
+            match snapshot.args[1] {
+                BPF_TCP_CLOSE_WAIT => {
+                    report(&snapshot, connection_event::PEER_CLOSED, is_active(&snapshot));
+                }
+                BPF_TCP_CLOSE => {
+                    count(Counter::AbruptCloses);
+                    report(&snapshot, connection_event::ABRUPT_CLOSE, is_active(&snapshot));
+                }
+                _ => {}
             }
-            (BPF_TCP_ESTABLISHED, BPF_TCP_CLOSE) => {
-                count(Counter::AbruptCloses);
-                report(&snapshot, connection_event::ABRUPT_CLOSE, is_active(&snapshot));
-            }
-            _ => {}
-        },
+        }
         _ => {}
     }
     1
@@ -186,6 +190,12 @@ fn follow(ctx: &SockOpsContext, snapshot: &Snapshot, kind: u8, active: bool) {
     let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
     let _ = ctx.set_cb_flags(flags as i32);
     report(snapshot, kind, active);
+}
+
+/// No more state callbacks for this connection.
+fn stop_following(ctx: &SockOpsContext) {
+    let flags = ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG;
+    let _ = ctx.set_cb_flags(flags as i32);
 }
 
 #[inline(always)]
