@@ -5,7 +5,8 @@
 //!                                                   └─► inject (held SYNs, replay mode)
 //! ```
 //! It runs on one thread: the sock_diag round trips and the re-injection take well under a
-//! millisecond, and one event at a time keeps the log in the order things happened.
+//! millisecond, and one event at a time keeps the log in the order things happened. A burst
+//! of queued SYNs (up to 256) is acted on first and logged afterwards, in one batch.
 //!
 //! Fail-open: the agent refreshes a heartbeat map every 100 ms and the classifier holds SYNs
 //! only while it is fresh. On SIGINT/SIGTERM the heartbeat is cleared first, the ring buffer
@@ -295,19 +296,25 @@ impl Agent {
         }
     }
 
-    /// Handles up to `limit` queued events; returns whether the ring buffer is empty. The
-    /// heartbeat is refreshed along the way: a long backlog (a SYN flood) must not make the
-    /// classifier think the agent is gone.
+    /// Acts on up to `limit` queued stale SYNs, then writes their records together; returns
+    /// whether the ring buffer is empty. The clients are waiting for the destroys and the
+    /// replays, not for the log lines: in a burst (a site's clients rebooting at once) the
+    /// last SYN must not wait for every earlier SYN's records as well. The heartbeat is
+    /// refreshed along the way: a long backlog (a SYN flood) must not make the classifier think
+    /// the agent is gone.
     fn drain(&mut self, ring: &mut RingBuf<MapData>, limit: usize) -> bool {
+        let mut handled = Vec::new();
+        let mut empty = false;
         for _ in 0..limit {
             let Some(record) = ring.next() else {
-                return true;
+                empty = true;
+                break;
             };
             let read_ns = monotonic_ns();
             match StaleSyn::decode(&record, read_ns) {
                 Ok(syn) => {
                     drop(record);
-                    self.handle(&syn);
+                    handled.push(self.act(syn));
                 }
                 Err(error) => report::bad_record(&error),
             }
@@ -317,20 +324,25 @@ impl Agent {
                 report::map_write_failed(&error);
             }
         }
-        false
+        if !handled.is_empty() {
+            let _batch = Batch::open(&self.recorder);
+            for handled in &handled {
+                handled.report();
+            }
+        }
+        empty
     }
 
-    /// Acts first and logs afterwards: the client is waiting for the destroy and the replay,
-    /// not for the log lines.
-    fn handle(&mut self, syn: &StaleSyn) {
-        let verdict = self.judge_and_destroy(syn);
+    /// Judges the stale socket, destroys it if allowed and re-injects a held SYN.
+    fn act(&mut self, syn: StaleSyn) -> Handled {
+        let verdict = self.judge_and_destroy(&syn);
         let replay = syn
             .held_frame()
-            .map(|frame| self.replay(syn, frame, verdict.socket_is_gone()));
-        report::stale_syn(syn);
-        report::verdict(syn, &verdict);
-        if let Some(replay) = replay {
-            report::replay(syn, &replay);
+            .map(|frame| self.replay(&syn, frame, verdict.socket_is_gone()));
+        Handled {
+            syn,
+            verdict,
+            replay,
         }
     }
 
@@ -405,6 +417,23 @@ impl Agent {
             result,
             took: started.elapsed(),
             since_seen: since_seen(syn),
+        }
+    }
+}
+
+/// One stale SYN and what the agent did about it, to be reported.
+struct Handled {
+    syn: StaleSyn,
+    verdict: Verdict,
+    replay: Option<Replay>,
+}
+
+impl Handled {
+    fn report(&self) {
+        report::stale_syn(&self.syn);
+        report::verdict(&self.syn, &self.verdict);
+        if let Some(replay) = &self.replay {
+            report::replay(&self.syn, replay);
         }
     }
 }

@@ -25,6 +25,9 @@ use crate::{
 /// How long the agent remembers the sockets it destroyed itself, and stale SYNs whose client is
 /// expected to connect again.
 const MEMORY: Duration = Duration::from_secs(10);
+/// How often a destroy also forgets what is older than [`MEMORY`]: not at every one, which
+/// would cost a mass crash a pass over a thousand entries per destroy.
+const FORGET_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the last sample of a vanished connection is kept for its close report.
 const VANISHED_MEMORY: Duration = Duration::from_secs(5);
 
@@ -110,6 +113,8 @@ pub struct Connections {
     /// Stale SYNs whose socket the agent cleared: (server, client) → the SYN's
     /// `CLOCK_MONOTONIC` ns, to tell how long the client took to get back in.
     cleared: HashMap<(SocketAddr, SocketAddr), (u64, Instant)>,
+    /// When [`Connections::forget_old`] last ran.
+    forgotten_at: Instant,
 }
 
 impl Connections {
@@ -119,6 +124,7 @@ impl Connections {
             samples: HashMap::new(),
             own_destroys: HashMap::new(),
             cleared: HashMap::new(),
+            forgotten_at: Instant::now(),
         }
     }
 
@@ -149,6 +155,7 @@ impl Connections {
     }
 
     fn forget_old(&mut self, now: Instant) {
+        self.forgotten_at = now;
         self.own_destroys
             .retain(|_, at| now.duration_since(*at) < MEMORY);
         self.cleared
@@ -159,7 +166,9 @@ impl Connections {
     /// the stale SYN (seen at `syn_seen_ns`) whose client should now connect.
     pub fn note_own_destroy(&mut self, server: SocketAddr, client: SocketAddr, syn_seen_ns: u64) {
         let now = Instant::now();
-        self.forget_old(now);
+        if now.duration_since(self.forgotten_at) >= FORGET_INTERVAL {
+            self.forget_old(now);
+        }
         self.own_destroys.insert((server, client), now);
         self.cleared.insert((server, client), (syn_seen_ns, now));
     }

@@ -2,10 +2,11 @@
 //! log collectors, and — through the [`RecordLayer`] — in the journal, to live followers and in
 //! the metrics, whatever `RUST_LOG` says.
 //!
-//! Observations that come in bursts (connection lifecycle reports: a busy watched port opens
-//! thousands of connections a second) are written in a [`Batch`]: their stderr lines and
-//! journal records go out in one write each when the batch ends, not one write per line.
-//! Decisions are never batched: each is written before the next event is handled.
+//! What comes in bursts is written in a [`Batch`]: its stderr lines and journal records go out
+//! in one write each when the batch ends, not one write per line. Bursts are connection
+//! lifecycle reports (a busy watched port opens thousands of connections a second) and the
+//! records of the stale SYNs the agent acted on in one go (`agent.rs`); a crash can lose the
+//! records of that last burst, never those written before it.
 use std::{
     cell::RefCell,
     io::{self, Write},
