@@ -3,7 +3,11 @@
 //! Each benchmark prints a human table on stderr and exactly one JSON line on stdout, so a
 //! script can keep the numbers and a person can read them.
 
+pub mod chart;
+pub mod overhead;
 pub mod reconnect;
+pub mod scale;
+pub mod support;
 
 use std::time::Duration;
 

@@ -16,12 +16,26 @@ struct Benchmark {
     main: fn(&[String]) -> Result<ExitCode>,
 }
 
-const BENCHMARKS: &[Benchmark] = &[Benchmark {
-    name: "reconnect",
-    about: "crash → reconnect time of a fixed-port client: kernel RFC 5961 recovery, \
-            destroy only, replay",
-    main: bench::reconnect::main,
-}];
+const BENCHMARKS: &[Benchmark] = &[
+    Benchmark {
+        name: "reconnect",
+        about: "crash → reconnect time of a fixed-port client: kernel RFC 5961 recovery, \
+                destroy only, replay",
+        main: bench::reconnect::main,
+    },
+    Benchmark {
+        name: "overhead",
+        about: "data-path cost, with/without the watchdog interleaved: request/response, \
+                bulk, new connections",
+        main: bench::overhead::main,
+    },
+    Benchmark {
+        name: "scale",
+        about: "100k watched connections, a 1,000-client mass crash, a spoofed SYN flood: \
+                detection latency, recovery, agent RSS and CPU",
+        main: bench::scale::main,
+    },
+];
 
 fn usage() -> String {
     let mut text = String::from("usage: bench NAME [ARGS...]\nbenchmarks:\n");
