@@ -54,22 +54,10 @@ use crate::bench::support::{
     BpfStats, CpuSnapshot, LogAgent, PerfRecord, ProcSampler, ProgStats, Spread, boost_priority,
     join, ns_sysctl, output_dir, proc_sample, round4, sibling_programs, spawn_in_ns,
 };
-use crate::bench::{Percentiles, round3};
+use crate::bench::{Percentiles, count_in, number_in, round3};
 use crate::netns::{Family, TestNet, tcp_ext_counters};
 use crate::privilege::is_root;
 use plotters::chart::SeriesLabelPosition;
-
-pub const USAGE: &str = "\
-usage: bench overhead [--rounds N] [--secs S] [--conns N] [--workloads W,...] [--perf W]
-                      [--quick]
-  --rounds N   with/without rounds, alternating order (default 7)
-  --secs S     measured seconds per workload and arm (default 1.5; plus warm-up)
-  --conns N    connections of the multi-connection request/response run (default 8)
-  --workloads  any of rr, rr_multi, bulk, cps (default: all four)
-  --perf W     afterwards, one run of workload W without and one with the agent under
-               `perf record -a -g`; prints both profiles' top symbols (needs perf)
-  --quick      2 rounds of 0.5 s: for trying the benchmark out, not for numbers
-Prints a table on stderr, writes target/bench/overhead.png, and one JSON line on stdout.";
 
 const RR_PORT: u16 = 5000;
 const BULK_PORT: u16 = 5001;
@@ -96,117 +84,79 @@ const STEAL_LIMIT_PCT: f64 = 10.0;
 /// Cap of the single connection's latency samples per run.
 const MAX_LATENCY_SAMPLES: usize = 400_000;
 
+/// Data-path cost, with and without the watchdog in alternating rounds: request/response,
+/// bulk, new connections. Prints a table on stderr, writes `target/bench/overhead.png`, and
+/// one JSON line on stdout.
+#[derive(Clone, Debug, PartialEq, clap::Args)]
+pub struct Args {
+    /// With/without rounds, alternating order [default: 7; 2 with --quick].
+    #[arg(long, value_parser = count_in(1, 1000))]
+    pub rounds: Option<usize>,
+    /// Measured seconds per workload and arm, plus warm-up [default: 1.5; 0.5 with --quick].
+    #[arg(long, value_parser = number_in(0.001, 60.0))]
+    pub secs: Option<f64>,
+    /// Connections of the multi-connection request/response run.
+    #[arg(long, default_value_t = 8, value_parser = count_in(2, 256))]
+    pub conns: usize,
+    /// The workloads to run.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Workload::ALL)]
+    pub workloads: Vec<Workload>,
+    /// Afterwards, one run of this workload without and one with the agent under
+    /// `perf record -a -g`; prints both profiles' top symbols (needs perf).
+    #[arg(long, value_enum)]
+    pub perf: Option<Workload>,
+    /// 2 rounds of 0.5 s: for trying the benchmark out, not for numbers.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// What a run does, from [`Args`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct Options {
     pub rounds: usize,
     pub secs: f64,
     pub warmup: f64,
     pub conns: usize,
+    /// In [`Workload::ALL`] order.
     pub workloads: Vec<Workload>,
     pub perf: Option<Workload>,
 }
 
-impl Options {
-    pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options {
-            rounds: 7,
-            secs: 1.5,
-            warmup: 0.3,
-            conns: 8,
-            workloads: Workload::ALL.to_vec(),
-            perf: None,
+impl From<Args> for Options {
+    fn from(args: Args) -> Options {
+        let (rounds, secs, warmup) = if args.quick {
+            (2, 0.5, 0.1)
+        } else {
+            (7, 1.5, 0.3)
         };
-        let mut quick = false;
-        let (mut rounds, mut secs) = (None, None);
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) => (f, Some(v.to_owned())),
-                None => (arg.as_str(), None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| args.next().cloned())
-                    .with_context(|| format!("{flag} needs a value\n{USAGE}"))
-            };
-            match flag {
-                "--rounds" => {
-                    let v = value()?;
-                    rounds = Some(
-                        v.parse::<usize>()
-                            .ok()
-                            .filter(|&n| n > 0)
-                            .with_context(|| {
-                                format!("--rounds {v:?}: a positive number\n{USAGE}")
-                            })?,
-                    );
-                }
-                "--secs" => {
-                    let v = value()?;
-                    secs = Some(
-                        v.parse::<f64>()
-                            .ok()
-                            .filter(|&s| s > 0.0 && s <= 60.0)
-                            .with_context(|| format!("--secs {v:?}: 0 < S ≤ 60\n{USAGE}"))?,
-                    );
-                }
-                "--conns" => {
-                    let v = value()?;
-                    o.conns = v
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|&n| (2..=256).contains(&n))
-                        .with_context(|| format!("--conns {v:?}: 2..=256\n{USAGE}"))?;
-                }
-                "--workloads" => {
-                    let mut list = Vec::new();
-                    for name in value()?.split(',').filter(|s| !s.is_empty()) {
-                        let w = Workload::ALL
-                            .into_iter()
-                            .find(|w| w.key() == name)
-                            .with_context(|| format!("unknown workload {name:?}\n{USAGE}"))?;
-                        if !list.contains(&w) {
-                            list.push(w);
-                        }
-                    }
-                    ensure!(!list.is_empty(), "--workloads names none\n{USAGE}");
-                    o.workloads = Workload::ALL
-                        .into_iter()
-                        .filter(|w| list.contains(w))
-                        .collect();
-                }
-                "--perf" => {
-                    let name = value()?;
-                    o.perf = Some(
-                        Workload::ALL
-                            .into_iter()
-                            .find(|w| w.key() == name)
-                            .with_context(|| format!("unknown workload {name:?}\n{USAGE}"))?,
-                    );
-                }
-                "--quick" => quick = true,
-                "-h" | "--help" => bail!("{USAGE}"),
-                other => bail!("unknown argument {other:?}\n{USAGE}"),
-            }
+        Options {
+            rounds: args.rounds.unwrap_or(rounds),
+            secs: args.secs.unwrap_or(secs),
+            warmup,
+            conns: args.conns,
+            workloads: Workload::ALL
+                .into_iter()
+                .filter(|w| args.workloads.contains(w))
+                .collect(),
+            perf: args.perf,
         }
-        if quick {
-            o.rounds = 2;
-            o.secs = 0.5;
-            o.warmup = 0.1;
-        }
-        o.rounds = rounds.unwrap_or(o.rounds);
-        o.secs = secs.unwrap_or(o.secs);
-        Ok(o)
     }
 }
 
 /// The workloads, in the order each arm runs them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Workload {
+    /// One connection, request/response.
+    #[value(name = "rr")]
     Rr1,
+    /// `--conns` connections, request/response.
+    #[value(name = "rr_multi")]
     RrN,
+    /// One stream.
+    #[value(name = "bulk")]
     Bulk,
+    /// Fresh connections as fast as they open.
+    #[value(name = "cps")]
     Cps,
 }
 
@@ -272,8 +222,8 @@ impl ArmResults {
     }
 }
 
-pub fn main(args: &[String]) -> Result<ExitCode> {
-    let opts = Options::parse(args)?;
+pub fn main(args: Args) -> Result<ExitCode> {
+    let opts = Options::from(args);
     ensure!(
         is_root(),
         "the overhead benchmark needs root (network namespaces, eBPF): run it with sudo, e.g. \
@@ -1574,26 +1524,30 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::parse_options;
 
-    fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| (*s).to_owned()).collect()
+    fn options(args: &[&str]) -> Result<Options, clap::Error> {
+        parse_options::<Args>(args).map(Options::from)
     }
 
     #[test]
-    fn options() {
-        let o = Options::parse(&[]).expect("defaults");
+    fn options_default_and_parse() {
+        let o = options(&[]).expect("defaults");
         assert_eq!((o.rounds, o.secs, o.conns), (7, 1.5, 8));
-        let o = Options::parse(&args(&["--quick", "--rounds", "3"])).expect("quick");
+        assert_eq!(o.workloads, Workload::ALL.to_vec());
+        let o = options(&["--quick", "--rounds", "3"]).expect("quick");
         assert_eq!((o.rounds, o.secs), (3, 0.5));
-        let o = Options::parse(&args(&["--secs=1.5", "--conns", "4"])).expect("valid");
+        let o = options(&["--secs=1.5", "--conns", "4", "--workloads", "cps,rr"]).expect("valid");
         assert_eq!((o.secs, o.conns), (1.5, 4));
+        assert_eq!(o.workloads, vec![Workload::Rr1, Workload::Cps]);
         for bad in [
             &["--rounds", "0"][..],
             &["--secs", "0"],
             &["--conns", "1"],
+            &["--workloads", "fast"],
             &["--x"],
         ] {
-            assert!(Options::parse(&args(bad)).is_err(), "{bad:?} accepted");
+            assert!(options(bad).is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -51,27 +51,13 @@ use crate::bench::support::{
     FdStash, LogAgent, PerfRecord, ProcSampler, Usage, boost_priority, ns_sysctl, output_dir,
     raise_nofile,
 };
-use crate::bench::{Percentiles, round3};
+use crate::bench::{Percentiles, count_in, number_in, round3};
 use crate::dumb_client::DumbClient;
 use crate::netns::{Family, TestNet, ns_exec, ns_exec_stdin, run_in_ns};
 use crate::privilege::is_root;
 use crate::scenario::{FIXED_PORT, GREETING, SERVER_PORT};
 use crate::spoof::{FrameInjector, Macs, Rng, syn_frame};
 use plotters::chart::SeriesLabelPosition;
-
-pub const USAGE: &str = "\
-usage: bench scale [--conns N] [--clients N] [--cycles N] [--live N] [--flood-rate R]
-                   [--flood-secs S] [--perf] [--quick]
-  --conns N       established watched connections of phase 2 (default 100000)
-  --clients N     dumb clients of the mass crash, one address each (default 1000, max 60000)
-  --cycles N      crash/reconnect cycles of the single client, per phase (default 30)
-  --live N        live connections whose tuples the flood spoofs (default 64)
-  --flood-rate R  spoofed SYNs per second (default 10000)
-  --flood-secs S  flood duration (default 3)
-  --perf          `perf record -g` the agent during the mass crash and the flood; prints the
-                  top symbols (needs perf)
-  --quick         10,000 connections, 200 clients, 10 cycles, a 1 s flood
-Prints a table on stderr, writes target/bench/scale.png, and one JSON line on stdout.";
 
 /// Targets from the issue.
 const MASS_P99_TARGET_MS: f64 = 50.0;
@@ -91,7 +77,41 @@ const CONNECT_WINDOW: usize = 2_000;
 /// Where phase 2's connections come from; the server holds them without descriptors.
 const HOLDER_PREFIX: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 101, 0, 0), 16);
 
-#[derive(Clone, Debug, PartialEq)]
+/// The watchdog at a site's scale: 100k watched connections, a 1,000-client mass crash, a
+/// spoofed SYN flood; detection latency, recovery, agent RSS and CPU. Prints a table on
+/// stderr, writes `target/bench/scale.png`, and one JSON line on stdout; exits 1 if a client
+/// did not recover or a live connection was killed.
+#[derive(Clone, Debug, PartialEq, clap::Args)]
+pub struct Args {
+    /// Established watched connections of phase 2 [default: 100000; 10000 with --quick].
+    #[arg(long, value_parser = count_in(0, 1_000_000))]
+    pub conns: Option<usize>,
+    /// Dumb clients of the mass crash, one address each [default: 1000; 200 with --quick].
+    #[arg(long, value_parser = count_in(1, 60_000))]
+    pub clients: Option<usize>,
+    /// Crash/reconnect cycles of the single client, per phase [default: 30; 10 with --quick].
+    #[arg(long, value_parser = count_in(1, 10_000))]
+    pub cycles: Option<usize>,
+    /// Live connections whose tuples the flood spoofs.
+    #[arg(long, default_value_t = 64, value_parser = count_in(1, 10_000))]
+    pub live: usize,
+    /// Spoofed SYNs per second.
+    #[arg(long, default_value_t = 10_000, value_parser = count_in(100, 1_000_000))]
+    pub flood_rate: usize,
+    /// Flood duration in seconds [default: 3; 1 with --quick].
+    #[arg(long, value_parser = number_in(0.1, 60.0))]
+    pub flood_secs: Option<f64>,
+    /// `perf record -g` the agent during the mass crash and the flood; prints the top
+    /// symbols (needs perf).
+    #[arg(long)]
+    pub perf: bool,
+    /// 10,000 connections, 200 clients, 10 cycles, a 1 s flood.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// What a run does, from [`Args`].
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Options {
     pub conns: usize,
     pub clients: usize,
@@ -102,70 +122,27 @@ pub struct Options {
     pub perf: bool,
 }
 
-impl Options {
-    pub fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options {
-            conns: 100_000,
-            clients: 1000,
-            cycles: 30,
-            live: 64,
-            flood_rate: 10_000,
-            flood_secs: 3.0,
-            perf: false,
+impl From<Args> for Options {
+    fn from(args: Args) -> Options {
+        let (conns, clients, cycles, flood_secs) = if args.quick {
+            (10_000, 200, 10, 1.0)
+        } else {
+            (100_000, 1000, 30, 3.0)
         };
-        let mut set: HashMap<&'static str, f64> = HashMap::new();
-        let mut quick = false;
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) => (f, Some(v.to_owned())),
-                None => (arg.as_str(), None),
-            };
-            let mut number = |name: &'static str, lo: f64, hi: f64| -> Result<()> {
-                let v = inline
-                    .clone()
-                    .or_else(|| args.next().cloned())
-                    .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
-                let x: f64 = v
-                    .parse()
-                    .ok()
-                    .filter(|x| (lo..=hi).contains(x))
-                    .with_context(|| format!("{flag} {v:?}: {lo} ≤ N ≤ {hi}\n{USAGE}"))?;
-                set.insert(name, x);
-                Ok(())
-            };
-            match flag {
-                "--conns" => number("conns", 0.0, 1_000_000.0)?,
-                "--clients" => number("clients", 1.0, 60_000.0)?,
-                "--cycles" => number("cycles", 1.0, 10_000.0)?,
-                "--live" => number("live", 1.0, 10_000.0)?,
-                "--flood-rate" => number("flood_rate", 100.0, 1_000_000.0)?,
-                "--flood-secs" => number("flood_secs", 0.1, 60.0)?,
-                "--perf" => o.perf = true,
-                "--quick" => quick = true,
-                "-h" | "--help" => bail!("{USAGE}"),
-                other => bail!("unknown argument {other:?}\n{USAGE}"),
-            }
+        Options {
+            conns: args.conns.unwrap_or(conns),
+            clients: args.clients.unwrap_or(clients),
+            cycles: args.cycles.unwrap_or(cycles),
+            live: args.live,
+            flood_rate: args.flood_rate as u64,
+            flood_secs: args.flood_secs.unwrap_or(flood_secs),
+            perf: args.perf,
         }
-        if quick {
-            o.conns = 10_000;
-            o.clients = 200;
-            o.cycles = 10;
-            o.flood_secs = 1.0;
-        }
-        let get = |name, default: usize| set.get(name).map_or(default, |&x| x as usize);
-        o.conns = get("conns", o.conns);
-        o.clients = get("clients", o.clients);
-        o.cycles = get("cycles", o.cycles);
-        o.live = get("live", o.live);
-        o.flood_rate = get("flood_rate", o.flood_rate as usize) as u64;
-        o.flood_secs = set.get("flood_secs").copied().unwrap_or(o.flood_secs);
-        Ok(o)
     }
 }
 
-pub fn main(args: &[String]) -> Result<ExitCode> {
-    let opts = Options::parse(args)?;
+pub fn main(args: Args) -> Result<ExitCode> {
+    let opts = Options::from(args);
     ensure!(
         is_root(),
         "the scale benchmark needs root (network namespaces, eBPF, many sockets): run it with \
@@ -1534,20 +1511,6 @@ struct Report {
     total_secs: f64,
 }
 
-impl Default for Options {
-    fn default() -> Self {
-        Options::parse(&[]).unwrap_or(Options {
-            conns: 0,
-            clients: 0,
-            cycles: 0,
-            live: 0,
-            flood_rate: 0,
-            flood_secs: 0.0,
-            perf: false,
-        })
-    }
-}
-
 fn ms(p: Option<Percentiles>, f: fn(&Percentiles) -> f64) -> Option<f64> {
     p.as_ref().map(|p| round3(f(p)))
 }
@@ -2050,24 +2013,25 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::parse_options;
 
-    fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| (*s).to_owned()).collect()
+    fn options(args: &[&str]) -> Result<Options, clap::Error> {
+        parse_options::<Args>(args).map(Options::from)
     }
 
     #[test]
-    fn options() {
-        let o = Options::parse(&[]).expect("defaults");
+    fn options_default_and_parse() {
+        let o = options(&[]).expect("defaults");
         assert_eq!(
             (o.conns, o.clients, o.cycles, o.flood_rate),
             (100_000, 1000, 30, 10_000)
         );
-        let o = Options::parse(&args(&["--quick", "--clients", "50"])).expect("quick");
+        let o = options(&["--quick", "--clients", "50"]).expect("quick");
         assert_eq!(
             (o.conns, o.clients, o.cycles, o.flood_secs),
             (10_000, 50, 10, 1.0)
         );
-        let o = Options::parse(&args(&["--conns=0", "--perf"])).expect("valid");
+        let o = options(&["--conns=0", "--perf"]).expect("valid");
         assert!(o.perf && o.conns == 0);
         for bad in [
             &["--clients", "0"][..],
@@ -2075,7 +2039,7 @@ mod tests {
             &["--flood-rate"],
             &["--x"],
         ] {
-            assert!(Options::parse(&args(bad)).is_err(), "{bad:?} accepted");
+            assert!(options(bad).is_err(), "{bad:?} accepted");
         }
     }
 
