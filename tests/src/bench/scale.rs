@@ -74,6 +74,8 @@ const SILENCE: Duration = Duration::from_millis(1200);
 const PER_ADDRESS: usize = 50_000;
 const FIRST_HOLDER_PORT: u16 = 10_000;
 const CONNECT_WINDOW: usize = 2_000;
+/// While a window's connects are issued, completions are collected after every this many.
+const HARVEST_EVERY: usize = 16;
 /// Where phase 2's connections come from; the server holds them without descriptors.
 const HOLDER_PREFIX: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 101, 0, 0), 16);
 
@@ -896,51 +898,62 @@ fn connect_all(
                 done: if error.is_some() { Some(started) } else { None },
                 error,
             });
+            // Connections that completed while the rest are still being issued are timed
+            // now, not once every connect() of the window has been made.
+            if out.len().is_multiple_of(HARVEST_EVERY) {
+                harvest(&ep, &mut out, 0)?;
+            }
         }
         let end = Instant::now() + deadline;
         let mut pending = out[base..].iter().filter(|a| a.done.is_none()).count();
-        let mut events: Vec<libc::epoll_event> =
-            vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
         while pending > 0 {
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
             let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
-            // SAFETY: the buffer holds `events.len()` events.
-            let n = unsafe {
-                libc::epoll_wait(ep.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, ms)
-            };
-            let now = Instant::now();
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e).context("epoll_wait");
-            }
-            for ev in &events[..n as usize] {
-                let a = &mut out[ev.u64 as usize];
-                if a.done.is_some() {
-                    continue;
-                }
-                a.done = Some(now);
-                pending -= 1;
-                let fd = a.fd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
-                a.error = so_error(fd);
-                // SAFETY: valid fds; removing a registered fd.
-                unsafe {
-                    libc::epoll_ctl(
-                        ep.as_raw_fd(),
-                        libc::EPOLL_CTL_DEL,
-                        fd,
-                        std::ptr::null_mut(),
-                    )
-                };
-            }
+            pending -= harvest(&ep, &mut out, ms)?;
         }
     }
     Ok(out)
+}
+
+/// Notes the completion time and `SO_ERROR` of every attempt `ep` reports within `ms`
+/// milliseconds (0: only what is ready now); returns how many completed.
+fn harvest(ep: &OwnedFd, out: &mut [Attempt], ms: i32) -> Result<usize> {
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 256];
+    // SAFETY: the buffer holds `events.len()` events.
+    let n =
+        unsafe { libc::epoll_wait(ep.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, ms) };
+    let now = Instant::now();
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(e).context("epoll_wait");
+    }
+    let mut completed = 0;
+    for ev in &events[..n as usize] {
+        let a = &mut out[ev.u64 as usize];
+        if a.done.is_some() {
+            continue;
+        }
+        a.done = Some(now);
+        completed += 1;
+        let fd = a.fd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+        a.error = so_error(fd);
+        // SAFETY: valid fds; removing a registered fd.
+        unsafe {
+            libc::epoll_ctl(
+                ep.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
+    }
+    Ok(completed)
 }
 
 fn sockaddr_in(addr: SocketAddr) -> Result<libc::sockaddr_in> {
