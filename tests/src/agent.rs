@@ -177,7 +177,11 @@ impl Agent {
         Agent::launch(
             &Agent::binary(),
             net,
-            &["setpriv", &format!("--bounding-set={bounding}"), "--inh-caps=-all"],
+            &[
+                "setpriv",
+                &format!("--bounding-set={bounding}"),
+                "--inh-caps=-all",
+            ],
             args,
         )
     }

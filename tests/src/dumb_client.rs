@@ -255,7 +255,7 @@ impl DumbClient {
         socket
             .connect_timeout(&SockAddr::from(self.server), timeout)
             .with_context(|| format!("connecting {} -> {}", self.local, self.server))?;
-        Connection::new(socket, self.local, self.server)
+        Connection::new(socket, &self.ns, self.local, self.server)
     }
 
     /// Connects again from the fixed port, as the rebooted client does, waiting at most
@@ -348,7 +348,7 @@ impl DumbClient {
                     elapsed,
                     syn_retransmits,
                     error: None,
-                    connection: Some(Connection::new(socket, self.local, self.server)?),
+                    connection: Some(Connection::new(socket, &self.ns, self.local, self.server)?),
                 })
             }
         }
@@ -373,25 +373,28 @@ pub fn connect_healthy(net: &TestNet, server: SocketAddr, timeout: Duration) -> 
         .context("local address")?
         .as_socket()
         .context("local address is not an IP address")?;
-    Connection::new(socket, local, server)
+    Connection::new(socket, net.client_ns(), local, server)
 }
 
 /// An established client connection.
 #[derive(Debug)]
 pub struct Connection {
     socket: Socket,
+    /// The client's network namespace.
+    ns: String,
     local: SocketAddr,
     peer: SocketAddr,
 }
 
 impl Connection {
-    fn new(socket: Socket, local: SocketAddr, peer: SocketAddr) -> Result<Connection> {
+    fn new(socket: Socket, ns: &str, local: SocketAddr, peer: SocketAddr) -> Result<Connection> {
         // A send must never hang a test.
         socket
             .set_write_timeout(Some(Duration::from_secs(2)))
             .context("SO_SNDTIMEO")?;
         Ok(Connection {
             socket,
+            ns: ns.to_owned(),
             local: SocketAddr::new(local.ip().to_canonical(), local.port()),
             peer,
         })
@@ -438,8 +441,51 @@ impl Connection {
             .set_linger(Some(Duration::ZERO))
             .context("SO_LINGER {1, 0}")?;
         drop(self.socket);
+        // A process that another test thread is starting holds a copy of every descriptor
+        // until it execs, and the abort happens only when the last copy closes: wait for it,
+        // so that the rebooted client's connect does not meet its former self.
+        let (local_port, peer_port) = (self.local.port(), self.peer.port());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while run_in_ns(&self.ns, move || tcp_socket_exists(local_port, peer_port))? {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the crashed socket {} -> {} is still there after 2 s",
+                self.local,
+                self.peer
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         Ok(())
     }
+}
+
+/// Whether the calling thread's network namespace has a TCP socket from `local_port` to
+/// `peer_port`, TIME-WAIT aside (an aborted socket never gets there). In
+/// `/proc/thread-self/net/tcp` and `tcp6` the columns are `sl local rem st …`, endpoints
+/// `ADDR:PORT` with the port in hex, `st` 06 for TIME-WAIT.
+fn tcp_socket_exists(local_port: u16, peer_port: u16) -> Result<bool> {
+    for table in ["tcp", "tcp6"] {
+        let path = format!("/proc/thread-self/net/{table}");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let port = |endpoint: &str| {
+            endpoint
+                .rsplit_once(':')
+                .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok())
+        };
+        let found = text.lines().skip(1).any(|line| {
+            let mut columns = line.split_whitespace().skip(1);
+            let (Some(local), Some(remote), Some(state)) =
+                (columns.next(), columns.next(), columns.next())
+            else {
+                return false;
+            };
+            port(local) == Some(local_port) && port(remote) == Some(peer_port) && state != "06"
+        });
+        if found {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// `TCP_INFO` of a socket.

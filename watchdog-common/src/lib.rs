@@ -80,11 +80,14 @@ pub enum Counter {
     TimersFailed = 9,
     /// Timed connections that went from ESTABLISHED straight to CLOSE (timeout, reset, abort).
     AbruptCloses = 10,
+    /// Lifecycle reports (connected, peer closed, ended) the full `CONNECTIONS` ring buffer
+    /// could not take: the agent fell behind a burst of connections.
+    LifecycleLost = 11,
 }
 
 impl Counter {
     /// Number of counters, the size of the `COUNTERS` map.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
     /// All counters in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::PacketsSeen,
@@ -98,6 +101,7 @@ impl Counter {
         Counter::TimersApplied,
         Counter::TimersFailed,
         Counter::AbruptCloses,
+        Counter::LifecycleLost,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -114,6 +118,7 @@ impl Counter {
             Counter::TimersApplied => "timers_applied",
             Counter::TimersFailed => "timers_failed",
             Counter::AbruptCloses => "abrupt_closes",
+            Counter::LifecycleLost => "lifecycle_lost",
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Checksums, checked only for SYNs to watched ports, right before the socket lookup: a SYN the
-//! kernel will drop for a bad checksum must not be reported as a client coming back.
+//! Checksums, checked only for SYNs whose tuple an ESTABLISHED socket owns, right after the
+//! socket lookup: a SYN the kernel will drop for a bad checksum must not be reported as a
+//! client coming back. Every other SYN goes to the kernel anyway, so it is not summed.
 //!
 //! A frame from a sender that offloads its checksum (a local stack through a veth, say) carries
 //! only the pseudo-header sum in the TCP checksum field; the kernel trusts such a frame, so the

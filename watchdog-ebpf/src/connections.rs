@@ -6,10 +6,13 @@
 //! * reports its establishment,
 //! * switches keepalive on with the port's timers and sets `TCP_USER_TIMEOUT`, when the port has
 //!   them — what the legacy server would have done with `setsockopt` had it known how,
-//! * asks for state callbacks and reports the peer's close (ESTABLISHED → CLOSE_WAIT) and an
-//!   abrupt end (ESTABLISHED → CLOSE: a dead peer, a reset or an abort),
+//! * asks for state callbacks until it leaves ESTABLISHED, and reports the peer's close
+//!   (→ CLOSE_WAIT) and an abrupt end (→ CLOSE: a dead peer, a reset or an abort),
 //!
-//! all through the `CONNECTIONS` ring buffer.
+//! all through the `CONNECTIONS` ring buffer. These reports are observations, not decisions:
+//! they wake the agent only once [`WAKEUP_BYTES`] are waiting (it drains them on a timer
+//! otherwise), so a busy watched port costs no wake-up, no inter-processor interrupt, per
+//! connection. A report the full ring cannot take is counted (`lifecycle_lost`), never silent.
 use core::{
     ffi::c_void,
     ptr::{addr_of, read_volatile},
@@ -18,6 +21,7 @@ use core::{
 use aya_ebpf::{
     Global,
     bindings::{
+        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT,
         BPF_TCP_ESTABLISHED, bpf_sock_ops,
@@ -39,8 +43,12 @@ static TIMERS_NETNS_COOKIE: Global<u64> = Global::new(0);
 #[map(name = "PORT_TIMERS")]
 static PORT_TIMERS: HashMap<u16, PortTimers> = HashMap::with_max_entries(1024, 0);
 
+/// About 11,000 reports: what a mass reconnect of a site's clients produces at once.
 #[map(name = "CONNECTIONS")]
-static CONNECTIONS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+static CONNECTIONS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
+
+/// Reports waiting before one wakes the agent (a quarter of the ring).
+const WAKEUP_BYTES: u64 = 256 * 1024;
 
 const SOL_SOCKET: i32 = 1;
 const SO_KEEPALIVE: i32 = 9;
@@ -75,15 +83,18 @@ pub fn watched_connections(ctx: SockOpsContext) -> u32 {
                 follow(&ctx, &snapshot, connection_event::ESTABLISHED, true);
             }
         }
-        BPF_SOCK_OPS_STATE_CB => {
-            let active = WATCHED_PORTS.get_ptr(snapshot.local_port).is_none();
-            match (snapshot.args[0], snapshot.args[1]) {
-                (BPF_TCP_ESTABLISHED, BPF_TCP_CLOSE_WAIT) => {
-                    report(&snapshot, connection_event::PEER_CLOSED, active);
+        // Only followed connections get state callbacks, and only until they leave
+        // ESTABLISHED: the rest of a close (FIN_WAIT2, TIME_WAIT, LAST_ACK …) tells nothing
+        // more, and each callback costs every connection of a busy port.
+        BPF_SOCK_OPS_STATE_CB if snapshot.args[0] == BPF_TCP_ESTABLISHED => {
+            stop_following(&ctx);
+            match snapshot.args[1] {
+                BPF_TCP_CLOSE_WAIT => {
+                    report(&snapshot, connection_event::PEER_CLOSED, is_active(&snapshot));
                 }
-                (BPF_TCP_ESTABLISHED, BPF_TCP_CLOSE) => {
+                BPF_TCP_CLOSE => {
                     count(Counter::AbruptCloses);
-                    report(&snapshot, connection_event::ABRUPT_CLOSE, active);
+                    report(&snapshot, connection_event::ABRUPT_CLOSE, is_active(&snapshot));
                 }
                 _ => {}
             }
@@ -91,6 +102,12 @@ pub fn watched_connections(ctx: SockOpsContext) -> u32 {
         _ => {}
     }
     1
+}
+
+/// Whether a followed connection is one this host opened (its local port is not watched).
+#[inline(always)]
+fn is_active(snapshot: &Snapshot) -> bool {
+    WATCHED_PORTS.get_ptr(snapshot.local_port).is_none()
 }
 
 /// The context fields this program uses, read once with volatile loads: the verifier accepts
@@ -175,6 +192,12 @@ fn follow(ctx: &SockOpsContext, snapshot: &Snapshot, kind: u8, active: bool) {
     report(snapshot, kind, active);
 }
 
+/// No more state callbacks for this connection.
+fn stop_following(ctx: &SockOpsContext) {
+    let flags = ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG;
+    let _ = ctx.set_cb_flags(flags as i32);
+}
+
 #[inline(always)]
 fn set(ctx: &SockOpsContext, level: i32, name: i32, value: u32) -> bool {
     let mut value = value as i32;
@@ -193,6 +216,7 @@ fn set(ctx: &SockOpsContext, level: i32, name: i32, value: u32) -> bool {
 
 fn report(snapshot: &Snapshot, kind: u8, active: bool) {
     let Some(mut entry) = CONNECTIONS.reserve::<ConnectionEvent>(0) else {
+        count(Counter::LifecycleLost);
         return;
     };
     let (local, remote) = if snapshot.family == AF_INET {
@@ -223,7 +247,12 @@ fn report(snapshot: &Snapshot, kind: u8, active: bool) {
         data_segs_in: snapshot.data_segs_in,
         _pad2: 0,
     });
-    entry.submit(0);
+    let wakeup = if CONNECTIONS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(wakeup as u64);
 }
 
 #[inline(always)]

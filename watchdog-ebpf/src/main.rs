@@ -80,7 +80,6 @@ pub fn stale_syn_classifier(ctx: TcContext) -> i32 {
     count(Counter::PacketsSeen);
     if let Some(syn) = packet::parse_syn(&ctx)
         && is_watched(&syn)
-        && checksum::valid(&ctx, &syn)
     {
         return check_syn(&ctx, &syn);
     }
@@ -110,6 +109,10 @@ fn check_syn(ctx: &TcContext, syn: &Syn) -> i32 {
     let Some(stale) = socket::lookup_established(ctx, syn) else {
         return TC_ACT_UNSPEC;
     };
+    // Only the rare SYN that meets an ESTABLISHED socket pays for its checksums.
+    if !checksum::valid(ctx, syn) {
+        return TC_ACT_UNSPEC;
+    }
     if syn.seq == stale.peer_isn {
         // An old duplicate of the connection's own SYN: the kernel's challenge ACK is right.
         count(Counter::OldDuplicateSyns);

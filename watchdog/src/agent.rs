@@ -5,7 +5,8 @@
 //!                                                   └─► inject (held SYNs, replay mode)
 //! ```
 //! It runs on one thread: the sock_diag round trips and the re-injection take well under a
-//! millisecond, and one event at a time keeps the log in the order things happened.
+//! millisecond, and one event at a time keeps the log in the order things happened. A burst
+//! of queued SYNs (up to 256) is acted on first and logged afterwards, in one batch.
 //!
 //! Fail-open: the agent refreshes a heartbeat map every 100 ms and the classifier holds SYNs
 //! only while it is fresh. On SIGINT/SIGTERM the heartbeat is cleared first, the ring buffer
@@ -36,6 +37,7 @@ use crate::{
     guard::{Decision, Guards},
     inject::Injector,
     journal::{self, Journal},
+    logging::Batch,
     metrics,
     preflight::{self, KernelFeatures},
     recorder::Recorder,
@@ -48,8 +50,22 @@ use crate::{
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(20);
 /// Events handled before the loop looks at its other duties.
 const DRAIN_BATCH: usize = 256;
-/// How often the ring buffer's overflow counter is read; an increase is reported.
+/// Kernel counters of reports a full ring buffer could not take, and what went unreported.
+const LOSS_COUNTERS: [(Counter, &str); 2] = [
+    (
+        Counter::RingbufFull,
+        "stale SYNs went to the kernel unreported and unheld",
+    ),
+    (
+        Counter::LifecycleLost,
+        "connection lifecycle reports were lost",
+    ),
+];
+/// How often the ring buffers' loss counters are read; an increase is reported.
 const OVERFLOW_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the lifecycle reports are read when they are few: they wake the agent only when
+/// many are waiting (`watchdog-ebpf/src/connections.rs`).
+const LIFECYCLE_DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 /// How often timed connections' `tcp_info` is sampled, to explain their deaths.
 const TIMED_SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a refused tuple's SYNs go to the kernel instead of being held.
@@ -97,11 +113,12 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
         Mode::Observe | Mode::Destroy => None,
     };
     let mut agent = Agent {
+        recorder: recorder.clone(),
         connections: Connections::new(config.timers.ports.clone()),
         last_beat: Instant::now(),
         last_beat_wall: std::time::SystemTime::now(),
         guards: Guards::new(&config, Instant::now()),
-        overflows_seen: 0,
+        losses_seen: [0; LOSS_COUNTERS.len()],
         config,
         diag,
         classifier,
@@ -125,6 +142,7 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
     let mut heartbeat = tokio::time::interval(Duration::from_nanos(HEARTBEAT_INTERVAL_NS));
     let mut overflow_check = tokio::time::interval(OVERFLOW_CHECK_INTERVAL);
     let mut timed_sample = tokio::time::interval(TIMED_SAMPLE_INTERVAL);
+    let mut lifecycle_drain = tokio::time::interval(LIFECYCLE_DRAIN_INTERVAL);
     let timed = agent.connections.timed();
     loop {
         tokio::select! {
@@ -141,6 +159,7 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
                     agent.status(&features, counters.as_deref());
             }
             _ = timed_sample.tick(), if timed => agent.sample_timed(),
+            _ = lifecycle_drain.tick() => agent.drain_connections(connections.get_mut()),
             // A ring buffer wakes its reader only for a record committed while the reader is
             // caught up. A record committed between the last read and `clear_ready` has had
             // its wakeup already; so each drain is followed by one more read after the clear.
@@ -151,6 +170,9 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
                 agent.drain_connections(ready.get_inner_mut());
             }
             ready = events.readable_mut() => {
+                // Lifecycle reports queued before these SYNs come first, so that the journal
+                // tells a client's story in the order the kernel saw it.
+                agent.drain_connections(connections.get_mut());
                 let mut ready = ready.context("waiting on the ring buffer")?;
                 // In batches, so that timers, the control socket and the metrics are served
                 // during a flood; readiness is cleared only once the ring buffer is empty.
@@ -180,13 +202,14 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
 
 struct Agent {
     config: RunConfig,
+    recorder: Arc<Recorder>,
     guards: Guards,
     connections: Connections,
     last_beat: Instant,
     /// The same moment on the wall clock, for `watchdog status`.
     last_beat_wall: std::time::SystemTime,
-    /// `ringbuf_full` as last reported.
-    overflows_seen: u64,
+    /// [`LOSS_COUNTERS`] as last reported.
+    losses_seen: [u64; LOSS_COUNTERS.len()],
     diag: SockDiag,
     classifier: Classifier,
     injector: Option<Injector>,
@@ -200,15 +223,18 @@ impl Agent {
         Ok(())
     }
 
-    /// Reports stale SYNs the classifier could not queue since the last check: they went to
-    /// the kernel unreported (and unheld), which is safe but must never be silent.
+    /// Reports what the kernel could not queue since the last check: stale SYNs that went to
+    /// the kernel unreported (and unheld), which is safe but must never be silent, and
+    /// lifecycle reports lost to a burst of connections.
     fn check_overflow(&mut self, counters: &[(Counter, u64)]) {
-        let Some(&(_, full)) = counters.iter().find(|(c, _)| *c == Counter::RingbufFull) else {
-            return;
-        };
-        if full > self.overflows_seen {
-            report::ring_buffer_overflow(full - self.overflows_seen, full);
-            self.overflows_seen = full;
+        for (seen, (counter, lost)) in self.losses_seen.iter_mut().zip(LOSS_COUNTERS) {
+            let Some(&(_, total)) = counters.iter().find(|(c, _)| *c == counter) else {
+                continue;
+            };
+            if total > *seen {
+                report::reports_lost(counter, lost, total - *seen, total);
+                *seen = total;
+            }
         }
     }
 
@@ -253,7 +279,10 @@ impl Agent {
         }
     }
 
+    /// Reports every queued lifecycle event, in one [`Batch`]: they are observations, and a
+    /// busy port brings thousands at once.
     fn drain_connections(&mut self, ring: &mut RingBuf<MapData>) {
+        let _batch = Batch::open(&self.recorder);
         while let Some(record) = ring.next() {
             match connections::decode(&record) {
                 Ok(event) => {
@@ -267,19 +296,25 @@ impl Agent {
         }
     }
 
-    /// Handles up to `limit` queued events; returns whether the ring buffer is empty. The
-    /// heartbeat is refreshed along the way: a long backlog (a SYN flood) must not make the
-    /// classifier think the agent is gone.
+    /// Acts on up to `limit` queued stale SYNs, then writes their records together; returns
+    /// whether the ring buffer is empty. The clients are waiting for the destroys and the
+    /// replays, not for the log lines: in a burst (a site's clients rebooting at once) the
+    /// last SYN must not wait for every earlier SYN's records as well. The heartbeat is
+    /// refreshed along the way: a long backlog (a SYN flood) must not make the classifier think
+    /// the agent is gone.
     fn drain(&mut self, ring: &mut RingBuf<MapData>, limit: usize) -> bool {
+        let mut handled = Vec::new();
+        let mut empty = false;
         for _ in 0..limit {
             let Some(record) = ring.next() else {
-                return true;
+                empty = true;
+                break;
             };
             let read_ns = monotonic_ns();
             match StaleSyn::decode(&record, read_ns) {
                 Ok(syn) => {
                     drop(record);
-                    self.handle(&syn);
+                    handled.push(self.act(syn));
                 }
                 Err(error) => report::bad_record(&error),
             }
@@ -289,20 +324,25 @@ impl Agent {
                 report::map_write_failed(&error);
             }
         }
-        false
+        if !handled.is_empty() {
+            let _batch = Batch::open(&self.recorder);
+            for handled in &handled {
+                handled.report();
+            }
+        }
+        empty
     }
 
-    /// Acts first and logs afterwards: the client is waiting for the destroy and the replay,
-    /// not for the log lines.
-    fn handle(&mut self, syn: &StaleSyn) {
-        let verdict = self.judge_and_destroy(syn);
+    /// Judges the stale socket, destroys it if allowed and re-injects a held SYN.
+    fn act(&mut self, syn: StaleSyn) -> Handled {
+        let verdict = self.judge_and_destroy(&syn);
         let replay = syn
             .held_frame()
-            .map(|frame| self.replay(syn, frame, verdict.socket_is_gone()));
-        report::stale_syn(syn);
-        report::verdict(syn, &verdict);
-        if let Some(replay) = replay {
-            report::replay(syn, &replay);
+            .map(|frame| self.replay(&syn, frame, verdict.socket_is_gone()));
+        Handled {
+            syn,
+            verdict,
+            replay,
         }
     }
 
@@ -377,6 +417,23 @@ impl Agent {
             result,
             took: started.elapsed(),
             since_seen: since_seen(syn),
+        }
+    }
+}
+
+/// One stale SYN and what the agent did about it, to be reported.
+struct Handled {
+    syn: StaleSyn,
+    verdict: Verdict,
+    replay: Option<Replay>,
+}
+
+impl Handled {
+    fn report(&self) {
+        report::stale_syn(&self.syn);
+        report::verdict(&self.syn, &self.verdict);
+        if let Some(replay) = &self.replay {
+            report::replay(&self.syn, replay);
         }
     }
 }

@@ -25,6 +25,9 @@ use crate::{
 /// How long the agent remembers the sockets it destroyed itself, and stale SYNs whose client is
 /// expected to connect again.
 const MEMORY: Duration = Duration::from_secs(10);
+/// How often a destroy also forgets what is older than [`MEMORY`]: not at every one, which
+/// would cost a mass crash a pass over a thousand entries per destroy.
+const FORGET_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the last sample of a vanished connection is kept for its close report.
 const VANISHED_MEMORY: Duration = Duration::from_secs(5);
 
@@ -110,6 +113,8 @@ pub struct Connections {
     /// Stale SYNs whose socket the agent cleared: (server, client) → the SYN's
     /// `CLOCK_MONOTONIC` ns, to tell how long the client took to get back in.
     cleared: HashMap<(SocketAddr, SocketAddr), (u64, Instant)>,
+    /// When [`Connections::forget_old`] last ran.
+    forgotten_at: Instant,
 }
 
 impl Connections {
@@ -119,6 +124,7 @@ impl Connections {
             samples: HashMap::new(),
             own_destroys: HashMap::new(),
             cleared: HashMap::new(),
+            forgotten_at: Instant::now(),
         }
     }
 
@@ -149,6 +155,7 @@ impl Connections {
     }
 
     fn forget_old(&mut self, now: Instant) {
+        self.forgotten_at = now;
         self.own_destroys
             .retain(|_, at| now.duration_since(*at) < MEMORY);
         self.cleared
@@ -159,7 +166,9 @@ impl Connections {
     /// the stale SYN (seen at `syn_seen_ns`) whose client should now connect.
     pub fn note_own_destroy(&mut self, server: SocketAddr, client: SocketAddr, syn_seen_ns: u64) {
         let now = Instant::now();
-        self.forget_old(now);
+        if now.duration_since(self.forgotten_at) >= FORGET_INTERVAL {
+            self.forget_old(now);
+        }
         self.own_destroys.insert((server, client), now);
         self.cleared.insert((server, client), (syn_seen_ns, now));
     }
@@ -177,10 +186,7 @@ impl Connections {
             connection_event::ESTABLISHED => Some(Story::Connected {
                 client,
                 server,
-                after_stale_syn: self
-                    .cleared
-                    .remove(&(server, client))
-                    .map(|(syn_ns, _)| Duration::from_nanos(event.seen_ns.saturating_sub(syn_ns))),
+                after_stale_syn: self.reconnected_after(server, client, event.seen_ns),
             }),
             connection_event::PEER_CLOSED => {
                 self.samples.remove(&(local, remote));
@@ -193,6 +199,23 @@ impl Connections {
             }
             _ => self.explain(event, local, remote).map(Story::Ended),
         }
+    }
+
+    /// How long after its cleared stale SYN a connection established at `established_ns`
+    /// came back; `None` when it is not such a return (a connection established before the
+    /// SYN is the one the SYN found stale).
+    fn reconnected_after(
+        &mut self,
+        server: SocketAddr,
+        client: SocketAddr,
+        established_ns: u64,
+    ) -> Option<Duration> {
+        let &(syn_ns, _) = self.cleared.get(&(server, client))?;
+        if established_ns < syn_ns {
+            return None;
+        }
+        self.cleared.remove(&(server, client));
+        Some(Duration::from_nanos(established_ns - syn_ns))
     }
 
     /// Explains an abrupt close; `None` for the agent's own destroys.
@@ -259,4 +282,61 @@ fn socket_addr(addr: [u8; 16], port: u16) -> SocketAddr {
         None => IpAddr::V6(v6),
     };
     SocketAddr::new(ip, port)
+}
+
+#[cfg(test)]
+mod tests {
+    use watchdog_common::ipv4_mapped;
+
+    use super::*;
+
+    fn established(seen_ns: u64) -> ConnectionEvent {
+        ConnectionEvent {
+            seen_ns,
+            bytes_received: 0,
+            remote_addr: ipv4_mapped([10, 0, 0, 2]),
+            local_addr: ipv4_mapped([10, 0, 0, 1]),
+            remote_port: 1025,
+            local_port: 5000,
+            family: 2,
+            active: 0,
+            kind: connection_event::ESTABLISHED,
+            _pad: 0,
+            packets_out: 0,
+            total_retrans: 0,
+            data_segs_in: 0,
+            _pad2: 0,
+        }
+    }
+
+    fn after_stale_syn(story: Option<Story>) -> Option<Duration> {
+        match story {
+            Some(Story::Connected {
+                after_stale_syn, ..
+            }) => after_stale_syn,
+            other => panic!("expected a connection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_a_connection_established_after_the_cleared_syn_is_its_return() {
+        let mut connections = Connections::new(BTreeMap::new());
+        let server: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let client: SocketAddr = "10.0.0.2:1025".parse().unwrap();
+        connections.note_own_destroy(server, client, 5_000);
+        // The stale connection's own establishment, read only after the SYN was handled.
+        assert_eq!(
+            after_stale_syn(connections.story(&established(1_000))),
+            None
+        );
+        assert_eq!(
+            after_stale_syn(connections.story(&established(5_600))),
+            Some(Duration::from_nanos(600))
+        );
+        // Matched once: the next connection is an ordinary one.
+        assert_eq!(
+            after_stale_syn(connections.story(&established(9_000))),
+            None
+        );
+    }
 }

@@ -4,8 +4,8 @@
 //! are older (higher is older). When the current file passes its size limit it is rotated and
 //! the oldest file is removed, so disk use stays below `(keep + 1) × max_file_bytes` and the
 //! newest events are never the ones dropped. Each record is appended with one `write` on an
-//! `O_APPEND` file: a crash mid-write can leave only the last line torn, and readers skip a line
-//! that does not parse.
+//! `O_APPEND` file (a batch of queued records with one `write` for all): a crash mid-write can
+//! leave only the last line torn, and readers skip a line that does not parse.
 use std::{
     fs::{self, File, OpenOptions},
     io::{BufRead, BufReader, Read, Seek, SeekFrom, Write},
@@ -41,7 +41,10 @@ pub struct Journal {
     dir: PathBuf,
     limits: Limits,
     file: File,
+    /// Bytes in the current file.
     size: u64,
+    /// Queued records, not yet written.
+    pending: Vec<u8>,
 }
 
 impl Journal {
@@ -54,22 +57,47 @@ impl Journal {
             limits,
             file,
             size,
+            pending: Vec::new(),
         })
     }
 
-    /// Appends one record (a JSON object without newline).
+    /// Appends one record (a JSON object without newline) and writes it, with whatever was
+    /// queued before it.
     pub fn append(&mut self, record: &str) -> Result<()> {
-        let mut line = Vec::with_capacity(record.len() + 1);
-        line.extend_from_slice(record.as_bytes());
-        line.push(b'\n');
-        if self.size > 0 && self.size + line.len() as u64 > self.limits.max_file_bytes {
+        self.queue(record)?;
+        self.flush()
+    }
+
+    /// Queues one record for the next [`Journal::flush`]; writes the queue first when it is
+    /// large or the record belongs in the next file.
+    pub fn queue(&mut self, record: &str) -> Result<()> {
+        let len = record.len() as u64 + 1;
+        let before = self.size + self.pending.len() as u64;
+        if before > 0 && before + len > self.limits.max_file_bytes {
+            self.flush()?;
             self.rotate()?;
+        } else if self.pending.len() >= crate::logging::BATCH_FLUSH_BYTES {
+            self.flush()?;
         }
-        self.file
-            .write_all(&line)
-            .context("appending to the journal")?;
-        self.size += line.len() as u64;
+        self.pending.extend_from_slice(record.as_bytes());
+        self.pending.push(b'\n');
         Ok(())
+    }
+
+    /// Writes the queued records, with one `write`.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let written = self
+            .file
+            .write_all(&self.pending)
+            .context("appending to the journal");
+        // What could not be written is dropped either way: retrying would write it twice
+        // after a partial write.
+        self.size += self.pending.len() as u64;
+        self.pending.clear();
+        written
     }
 
     fn rotate(&mut self) -> Result<()> {
@@ -88,6 +116,12 @@ impl Journal {
         self.file = file;
         self.size = size;
         Ok(())
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        let _ = self.flush();
     }
 }
 

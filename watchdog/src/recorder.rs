@@ -14,7 +14,7 @@ use tracing::{
 };
 use tracing_subscriber::{Layer, layer::Context};
 
-use crate::{journal::Journal, metrics::Metrics};
+use crate::{journal::Journal, logging, metrics::Metrics};
 
 /// How many records a slow follower may fall behind before it misses some.
 const FOLLOW_BACKLOG: usize = 4096;
@@ -47,15 +47,32 @@ impl Recorder {
         self.metrics.observe(&record);
         let line: Arc<str> = Value::Object(record).to_string().into();
         let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(journal) = journal.as_mut()
-            && let Err(error) = journal.append(&line)
-        {
-            // Not through tracing: that would come back here.
-            eprintln!("watchdog: journal write failed: {error:#}");
+        if let Some(journal) = journal.as_mut() {
+            let written = if logging::batch_open() {
+                journal.queue(&line)
+            } else {
+                journal.append(&line)
+            };
+            if let Err(error) = written {
+                journal_failed(&error);
+            }
         }
         drop(journal);
         let _ = self.followers.send(line);
     }
+
+    /// Writes the journal records queued by a [`logging::Batch`].
+    pub fn flush(&self) {
+        let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(Err(error)) = journal.as_mut().map(Journal::flush) {
+            journal_failed(&error);
+        }
+    }
+}
+
+fn journal_failed(error: &anyhow::Error) {
+    // Not through tracing: that would come back here.
+    eprintln!("watchdog: journal write failed: {error:#}");
 }
 
 /// The `tracing` layer feeding a [`Recorder`].

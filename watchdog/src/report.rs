@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use watchdog_common::Counter;
 
 use crate::{
@@ -133,10 +133,13 @@ pub fn replay(syn: &StaleSyn, replay: &Replay) {
     }
 }
 
-pub fn ring_buffer_overflow(new: u64, total: u64) {
+/// `counter`, a count of reports a full ring buffer could not take, grew by `new`: `lost`
+/// says what went unreported. The event is the counter's name (`ringbuf_full`,
+/// `lifecycle_lost`).
+pub fn reports_lost(counter: Counter, lost: &str, new: u64, total: u64) {
     warn!(
-        event = "ringbuf_full",
-        new, total, "the agent fell behind: stale SYNs went to the kernel unreported and unheld"
+        event = counter.name(),
+        new, total, "the agent fell behind: {lost}"
     );
 }
 
@@ -144,6 +147,10 @@ pub fn map_write_failed(error: &anyhow::Error) {
     warn!(event = "map_write_failed", error = %format!("{error:#}"), "could not update a classifier map");
 }
 
+/// A watched connection's step. Plain connects and closes are many on a busy port: they go to
+/// the journal, followers and metrics, and to stderr only at debug level (`RUST_LOG=debug`),
+/// so that they cannot flood the system log (journald rate-limits a service as a whole, and
+/// would drop decisions with them). A return after a stale SYN and a dead peer stay on stderr.
 pub fn connection(story: &Story) {
     match story {
         Story::Connected {
@@ -159,7 +166,7 @@ pub fn connection(story: &Story) {
                 "reconnected {:.2} ms after its stale SYN",
                 after.as_secs_f64() * 1000.0
             ),
-            None => info!(
+            None => debug!(
                 event = "connected",
                 %client,
                 %server,
@@ -170,7 +177,7 @@ pub fn connection(story: &Story) {
             client,
             server,
             bytes_received,
-        } => info!(
+        } => debug!(
             event = "peer_closed",
             %client,
             %server,
@@ -247,6 +254,7 @@ pub fn counters(counters: Result<Vec<(Counter, u64)>>) {
         timers_applied = get(Counter::TimersApplied),
         timers_failed = get(Counter::TimersFailed),
         abrupt_closes = get(Counter::AbruptCloses),
+        lifecycle_lost = get(Counter::LifecycleLost),
         "classifier counters"
     );
 }

@@ -75,7 +75,7 @@ enum Cmd {
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
-    /// Run a benchmark (release builds): `reconnect` measures crash → reconnect per mode.
+    /// Run a benchmark (release builds): `reconnect`, `overhead` or `scale` (`help` lists them).
     Bench {
         /// Which benchmark.
         name: String,

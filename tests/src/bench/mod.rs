@@ -3,11 +3,60 @@
 //! Each benchmark prints a human table on stderr and exactly one JSON line on stdout, so a
 //! script can keep the numbers and a person can read them.
 
+pub mod chart;
+pub mod overhead;
 pub mod reconnect;
+pub mod scale;
+pub mod support;
 
 use std::time::Duration;
 
 use serde::Serialize;
+
+/// A whole number in `lo..=hi`, as a clap value parser.
+pub fn count_in(
+    lo: usize,
+    hi: usize,
+) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync + 'static {
+    move |s| match s.parse::<usize>() {
+        Ok(n) if (lo..=hi).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from {lo} to {hi}")),
+    }
+}
+
+/// A number in `lo..=hi`, as a clap value parser.
+pub fn number_in(
+    lo: f64,
+    hi: f64,
+) -> impl Fn(&str) -> Result<f64, String> + Clone + Send + Sync + 'static {
+    move |s| match s.parse::<f64>() {
+        Ok(x) if (lo..=hi).contains(&x) => Ok(x),
+        _ => Err(format!("expected a number from {lo} to {hi}")),
+    }
+}
+
+/// Parses `args` as a benchmark's options, as `bench NAME ARGS...` would.
+#[cfg(test)]
+pub(crate) fn parse_options<T: clap::Args>(args: &[&str]) -> Result<T, clap::Error> {
+    #[derive(clap::Parser)]
+    struct Cli<T: clap::Args> {
+        #[command(flatten)]
+        options: T,
+    }
+    let args = std::iter::once("bench").chain(args.iter().copied());
+    <Cli<T> as clap::Parser>::try_parse_from(args).map(|cli| cli.options)
+}
+
+/// `items` without repeats, first occurrence kept.
+pub fn dedup<T: PartialEq + Copy>(items: &[T]) -> Vec<T> {
+    let mut out = Vec::new();
+    for &item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
+}
 
 /// Nearest-rank percentiles of a set of durations, in milliseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]

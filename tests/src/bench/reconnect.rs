@@ -18,12 +18,12 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use crate::agent::{Agent, AgentExit};
-use crate::bench::{Percentiles, round3};
+use crate::bench::{Percentiles, count_in, dedup, round3};
 use crate::dumb_client::{Connection, DumbClient};
 use crate::legacy_server::{Bind, LegacyServer};
 use crate::netns::{Family, TestNet, ns_exec};
@@ -39,21 +39,17 @@ const STEP: Duration = Duration::from_secs(2);
 /// A progress line at least this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
-pub const USAGE: &str = "\
-usage: bench reconnect [--cycles N] [--modes MODE[,MODE...]]
-  --cycles N   crash/reconnect cycles per mode (default 200)
-  --modes      any of linux_client_rfc5961, destroy_only, replay (default: all three)
-Prints a table on stderr and one JSON line on stdout; exits 1 if a cycle failed.
-WATCHDOG_BENCH_AGENT_LOG=1 also prints each agent's log.";
-
 /// How the client gets back in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
     /// No watchdog; a Linux client that answers the challenge ACK.
+    #[value(name = "linux_client_rfc5961")]
     LinuxClientRfc5961,
     /// `--mode destroy`; the dumb client.
+    #[value(name = "destroy_only")]
     DestroyOnly,
     /// The default `--mode replay`; the dumb client.
+    #[value(name = "replay")]
     Replay,
 }
 
@@ -68,13 +64,6 @@ impl Mode {
         }
     }
 
-    fn parse(s: &str) -> Result<Mode> {
-        Mode::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .with_context(|| format!("unknown mode {s:?}\n{USAGE}"))
-    }
-
     /// The mode's own `watchdog run` arguments (after `--iface/--port` and [`guard_args`]), or
     /// `None` for no agent.
     fn agent_args(self) -> Option<&'static [&'static str]> {
@@ -86,56 +75,17 @@ impl Mode {
     }
 }
 
-/// Parsed command line.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Crash → reconnect time of a fixed-port client: kernel RFC 5961 recovery, destroy only,
+/// replay. Prints a table on stderr and one JSON line on stdout; exits 1 if a cycle failed.
+/// `WATCHDOG_BENCH_AGENT_LOG=1` also prints each agent's log.
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
 pub struct Options {
+    /// Crash/reconnect cycles per mode.
+    #[arg(long, default_value_t = DEFAULT_CYCLES, value_parser = count_in(1, 100_000))]
     pub cycles: usize,
+    /// The modes to run, in this order.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Mode::ALL)]
     pub modes: Vec<Mode>,
-}
-
-impl Options {
-    pub fn parse(args: &[String]) -> Result<Options> {
-        let mut opts = Options {
-            cycles: DEFAULT_CYCLES,
-            modes: Mode::ALL.to_vec(),
-        };
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) => (f, Some(v.to_owned())),
-                None => (arg.as_str(), None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| args.next().cloned())
-                    .with_context(|| format!("{flag} needs a value\n{USAGE}"))
-            };
-            match flag {
-                "--cycles" => {
-                    let v = value()?;
-                    opts.cycles =
-                        v.parse().ok().filter(|&n| n > 0).with_context(|| {
-                            format!("--cycles {v:?}: a positive number\n{USAGE}")
-                        })?;
-                }
-                "--modes" => {
-                    let mut modes = Vec::new();
-                    for name in value()?.split(',').filter(|s| !s.is_empty()) {
-                        let mode = Mode::parse(name)?;
-                        if !modes.contains(&mode) {
-                            modes.push(mode);
-                        }
-                    }
-                    ensure!(!modes.is_empty(), "--modes names no mode\n{USAGE}");
-                    opts.modes = modes;
-                }
-                "-h" | "--help" => bail!("{USAGE}"),
-                other => bail!("unknown argument {other:?}\n{USAGE}"),
-            }
-        }
-        Ok(opts)
-    }
 }
 
 /// One mode's measurements.
@@ -226,8 +176,8 @@ pub fn guard_args() -> Result<Vec<&'static str>> {
 }
 
 /// Runs the benchmark as `bench reconnect ARGS...` does.
-pub fn main(args: &[String]) -> Result<ExitCode> {
-    let opts = Options::parse(args)?;
+pub fn main(mut opts: Options) -> Result<ExitCode> {
+    opts.modes = dedup(&opts.modes);
     ensure!(
         is_root(),
         "the reconnect benchmark needs root (network namespaces, nftables, eBPF): run it with \
@@ -484,26 +434,18 @@ pub fn summary_json(results: &[ModeResult]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| (*s).to_owned()).collect()
-    }
+    use crate::bench::parse_options;
 
     #[test]
     fn options_default_and_parse() {
-        let o = Options::parse(&[]).expect("defaults");
+        let parse = parse_options::<Options>;
+        let o = parse(&[]).expect("defaults");
         assert_eq!(o.cycles, DEFAULT_CYCLES);
         assert_eq!(o.modes, Mode::ALL.to_vec());
-        let o = Options::parse(&args(&[
-            "--cycles",
-            "5",
-            "--modes",
-            "replay,linux_client_rfc5961",
-        ]))
-        .expect("valid");
+        let o = parse(&["--cycles", "5", "--modes", "replay,linux_client_rfc5961"]).expect("valid");
         assert_eq!(o.cycles, 5);
         assert_eq!(o.modes, vec![Mode::Replay, Mode::LinuxClientRfc5961]);
-        let o = Options::parse(&args(&["--cycles=7", "--modes=destroy_only"])).expect("valid");
+        let o = parse(&["--cycles=7", "--modes=destroy_only"]).expect("valid");
         assert_eq!((o.cycles, o.modes), (7, vec![Mode::DestroyOnly]));
         for bad in [
             &["--cycles", "0"][..],
@@ -512,7 +454,7 @@ mod tests {
             &["--modes", ","],
             &["--what"],
         ] {
-            assert!(Options::parse(&args(bad)).is_err(), "{bad:?} accepted");
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
         }
     }
 

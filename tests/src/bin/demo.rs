@@ -442,7 +442,9 @@ fn with_watchdog() -> Result<With> {
     timeline.steps(steps);
     report_reconnect(&timeline, &out, stage.client.local_addr(), mode.as_deref());
 
+    let journal = agent.journal().to_path_buf();
     let exit = agent.stop()?;
+    show_journal(&journal, stage.client.local_addr());
     Ok(With {
         reconnected: out.connected,
         reconnect_ms: millis(out.elapsed),
@@ -460,6 +462,33 @@ fn with_watchdog() -> Result<With> {
         attach: text(&attached, "attach"),
         agent_start_ms: millis(agent_start),
     })
+}
+
+/// What an operator would read afterwards: `watchdog events` for the client, from the
+/// agent's journal.
+fn show_journal(journal: &std::path::Path, client: SocketAddr) {
+    let output = std::process::Command::new(Agent::binary())
+        .arg("events")
+        .arg("--journal")
+        .arg(journal)
+        .args(["--client", &client.ip().to_string()])
+        .output();
+    eprintln!(
+        "\n  What the journal says afterwards (`watchdog events --client {}`):",
+        client.ip()
+    );
+    match output {
+        Ok(out) if out.status.success() => {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                eprintln!("    {line}");
+            }
+        }
+        Ok(out) => eprintln!(
+            "    watchdog events failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => eprintln!("    could not run watchdog events: {e}"),
+    }
 }
 
 fn report_reconnect(
