@@ -6,7 +6,7 @@
 //! ```
 //! It runs on one thread: the sock_diag round trips and the re-injection take well under a
 //! millisecond, and one event at a time keeps the log in the order things happened. A burst
-//! of queued SYNs (up to 256) is acted on first and logged afterwards, in one batch.
+//! of queued SYNs (up to 50 ms of work) is acted on first and logged afterwards, in one batch.
 //!
 //! Fail-open: the agent refreshes a heartbeat map every 100 ms and the classifier holds SYNs
 //! only while it is fresh. On SIGINT/SIGTERM the heartbeat is cleared first, the ring buffer
@@ -48,8 +48,13 @@ use crate::{
 /// Lets a classifier run that read the heartbeat just before it was cleared finish its
 /// ring-buffer submit before the final drain.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(20);
-/// Events handled before the loop looks at its other duties.
-const DRAIN_BATCH: usize = 256;
+/// How long the agent acts on queued stale SYNs before it writes their records and turns to its
+/// other duties (timers, control socket, metrics): a site's clients rebooting at once are all
+/// back in before any of their log lines is written, and a flood still gets its records out,
+/// and the control socket answered, this often.
+const ACT_WINDOW: Duration = Duration::from_millis(50);
+/// The most stale SYNs whose records one window holds back (about 1.5 MiB).
+const MAX_BURST: usize = 4096;
 /// Kernel counters of reports a full ring buffer could not take, and what went unreported.
 const LOSS_COUNTERS: [(Counter, &str); 2] = [
     (
@@ -174,11 +179,11 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
                 // tells a client's story in the order the kernel saw it.
                 agent.drain_connections(connections.get_mut());
                 let mut ready = ready.context("waiting on the ring buffer")?;
-                // In batches, so that timers, the control socket and the metrics are served
+                // In windows, so that timers, the control socket and the metrics are served
                 // during a flood; readiness is cleared only once the ring buffer is empty.
-                if agent.drain(ready.get_inner_mut(), DRAIN_BATCH) {
+                if agent.drain(ready.get_inner_mut(), ACT_WINDOW) {
                     ready.clear_ready();
-                    agent.drain(ready.get_inner_mut(), DRAIN_BATCH);
+                    agent.drain(ready.get_inner_mut(), ACT_WINDOW);
                 }
             }
         }
@@ -187,7 +192,7 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
     // Stop holding, let in-flight classifier runs finish, replay what they held, then detach.
     agent.classifier.beat(0)?;
     tokio::time::sleep(SHUTDOWN_GRACE).await;
-    agent.drain(events.get_mut(), usize::MAX);
+    while !agent.drain(events.get_mut(), Duration::MAX) {}
     agent.drain_connections(connections.get_mut());
     report::counters(agent.classifier.counters());
     drop(events);
@@ -296,16 +301,17 @@ impl Agent {
         }
     }
 
-    /// Acts on up to `limit` queued stale SYNs, then writes their records together; returns
-    /// whether the ring buffer is empty. The clients are waiting for the destroys and the
-    /// replays, not for the log lines: in a burst (a site's clients rebooting at once) the
-    /// last SYN must not wait for every earlier SYN's records as well. The heartbeat is
-    /// refreshed along the way: a long backlog (a SYN flood) must not make the classifier think
-    /// the agent is gone.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>, limit: usize) -> bool {
+    /// Acts on queued stale SYNs for up to `window` (and [`MAX_BURST`] SYNs), then writes their
+    /// records together; returns whether the ring buffer is empty. The clients are waiting for
+    /// the destroys and the replays, not for the log lines: in a burst (a site's clients
+    /// rebooting at once) the last SYN must not wait for every earlier SYN's records as well.
+    /// The heartbeat is refreshed along the way: a long backlog (a SYN flood) must not make the
+    /// classifier think the agent is gone.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>, window: Duration) -> bool {
+        let started = Instant::now();
         let mut handled = Vec::new();
         let mut empty = false;
-        for _ in 0..limit {
+        while handled.len() < MAX_BURST && started.elapsed() < window {
             let Some(record) = ring.next() else {
                 empty = true;
                 break;
