@@ -9,6 +9,7 @@
 //! socket owns is answered with a challenge ACK, a held one is not.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Barrier};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -319,6 +320,86 @@ fn replay_connects_on_first_syn_dual_stack_with_ipv4_client() -> Result<()> {
         return Ok(());
     }
     replay_connects_on_first_syn("rpdual", Bind::DualStack, Family::V4)
+}
+
+/// A burst: clients on fixed ports 1025… crash together and reconnect at the same instant.
+/// While one held SYN's handshake runs on the agent's replayer thread, the agent judges and
+/// destroys the next stale socket; every client must still get in on its first SYN, every stale
+/// socket be destroyed, every held SYN be re-injected exactly once.
+#[test]
+fn a_burst_of_rebooted_clients_all_connect_on_their_first_syn() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    const CLIENTS: usize = 16;
+    let net = TestNet::new("rpburst")?;
+    let server = LegacyServer::start(&net, Bind::V4, WATCHED)?;
+    let server_addr = net.server_addr(Family::V4, WATCHED);
+    let clients = (FIXED..)
+        .take(CLIENTS)
+        .map(|port| DumbClient::new(&net, server_addr, port))
+        .collect::<Result<Vec<_>>>()?;
+    // The clients share one address here (a site's devices have one each): the per-client
+    // rate limit must let all of them through.
+    let agent = start_agent(&net, &["--per-client-limit", "100/10s"])?;
+    let stale = clients
+        .iter()
+        .map(|client| establish_and_crash(&server, client))
+        .collect::<Result<Vec<_>>>()?;
+
+    // Every client set up, then all first SYNs at once.
+    let barrier = Arc::new(Barrier::new(CLIENTS));
+    let reconnects: Vec<_> = clients
+        .iter()
+        .map(|client| {
+            let (client, barrier) = (client.clone(), barrier.clone());
+            thread::spawn(move || {
+                client.reconnect_gated(SHORT, move || {
+                    barrier.wait();
+                })
+            })
+        })
+        .collect();
+    let outcomes = reconnects
+        .into_iter()
+        .map(join_reconnect)
+        .collect::<Result<Vec<_>>>()?;
+    for (client, out) in clients.iter().zip(&outcomes) {
+        ensure!(
+            out.connected && out.syn_retransmits == 0,
+            "{}: connected={} after {} SYN retransmissions ({:?}); agent:\n{}",
+            client.local_addr(),
+            out.connected,
+            out.syn_retransmits,
+            out.error,
+            agent.output()
+        );
+    }
+    for stale in &stale {
+        assert_destroyed(&server, stale)?;
+    }
+
+    agent.wait_for_events("replayed", CLIENTS, SHORT)?;
+    let exit = stop_agent(agent)?;
+    for event in ["stale_syn", "destroyed", "replayed"] {
+        let mut seen: Vec<String> = exit
+            .events(event)
+            .iter()
+            .map(|e| str_field(e, "client").map(str::to_owned))
+            .collect::<Result<_>>()?;
+        seen.sort();
+        let mut expected: Vec<String> =
+            clients.iter().map(|c| c.local_addr().to_string()).collect();
+        expected.sort();
+        ensure!(
+            seen == expected,
+            "`{event}` once per client expected, got {seen:?}:\n{}",
+            exit.output()
+        );
+    }
+    ensure!(exit.counter("held")? == CLIENTS as u64, "{}", exit.output());
+    ensure!(exit.counter("replays_passed")? == 0, "{}", exit.output());
+    Ok(())
 }
 
 // ---- 2. SIGKILL while healthy traffic flows ----

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -41,6 +41,7 @@ use crate::{
     metrics,
     preflight::{self, KernelFeatures},
     recorder::Recorder,
+    replayer::{self, Job, Replay, Replayer},
     report,
     sock_diag::SockDiag,
 };
@@ -117,6 +118,10 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
         )?),
         Mode::Observe | Mode::Destroy => None,
     };
+    let replayer = match &injector {
+        Some(injector) => Some(Replayer::start(injector)?),
+        None => None,
+    };
     let mut agent = Agent {
         recorder: recorder.clone(),
         connections: Connections::new(config.timers.ports.clone()),
@@ -128,6 +133,7 @@ pub async fn run(config: RunConfig, recorder: Arc<Recorder>) -> Result<()> {
         diag,
         classifier,
         injector,
+        replayer,
     };
     agent.beat()?;
     let status = Arc::new(Mutex::new(agent.status(&features, None)));
@@ -218,6 +224,8 @@ struct Agent {
     diag: SockDiag,
     classifier: Classifier,
     injector: Option<Injector>,
+    /// Re-injects held SYNs while more are waiting (replay mode).
+    replayer: Option<Replayer>,
 }
 
 impl Agent {
@@ -304,32 +312,42 @@ impl Agent {
     /// Acts on queued stale SYNs for up to `window` (and [`MAX_BURST`] SYNs), then writes their
     /// records together; returns whether the ring buffer is empty. The clients are waiting for
     /// the destroys and the replays, not for the log lines: in a burst (a site's clients
-    /// rebooting at once) the last SYN must not wait for every earlier SYN's records as well.
-    /// The heartbeat is refreshed along the way: a long backlog (a SYN flood) must not make the
-    /// classifier think the agent is gone.
+    /// rebooting at once) the last SYN must not wait for every earlier SYN's records as well,
+    /// nor for every earlier SYN's handshake: while another SYN waits, a held one is re-injected
+    /// by the [`Replayer`] thread. The heartbeat is refreshed along the way: a long backlog (a
+    /// SYN flood) must not make the classifier think the agent is gone.
     fn drain(&mut self, ring: &mut RingBuf<MapData>, window: Duration) -> bool {
         let started = Instant::now();
-        let mut handled = Vec::new();
-        let mut empty = false;
-        while handled.len() < MAX_BURST && started.elapsed() < window {
-            let Some(record) = ring.next() else {
-                empty = true;
-                break;
-            };
-            let read_ns = monotonic_ns();
-            match StaleSyn::decode(&record, read_ns) {
-                Ok(syn) => {
-                    drop(record);
-                    handled.push(self.act(syn));
-                }
-                Err(error) => report::bad_record(&error),
+        let mut handled: Vec<Handled> = Vec::new();
+        let mut next = read_stale_syn(ring);
+        let mut empty = next.is_none();
+        while let Some(syn) = next.take() {
+            let verdict = self.judge_and_destroy(&syn);
+            if handled.len() + 1 < MAX_BURST && started.elapsed() < window {
+                next = read_stale_syn(ring);
+                empty = next.is_none();
             }
+            let replay = syn.held_frame().and_then(|frame| {
+                self.replay(
+                    &syn,
+                    frame,
+                    verdict.socket_is_gone(),
+                    handled.len(),
+                    next.is_some(),
+                )
+            });
+            handled.push(Handled {
+                syn,
+                verdict,
+                replay,
+            });
             if self.last_beat.elapsed() >= Duration::from_nanos(HEARTBEAT_INTERVAL_NS)
                 && let Err(error) = self.beat()
             {
                 report::map_write_failed(&error);
             }
         }
+        self.collect_replays(&mut handled);
         if !handled.is_empty() {
             let _batch = Batch::open(&self.recorder);
             for handled in &handled {
@@ -337,19 +355,6 @@ impl Agent {
             }
         }
         empty
-    }
-
-    /// Judges the stale socket, destroys it if allowed and re-injects a held SYN.
-    fn act(&mut self, syn: StaleSyn) -> Handled {
-        let verdict = self.judge_and_destroy(&syn);
-        let replay = syn
-            .held_frame()
-            .map(|frame| self.replay(&syn, frame, verdict.socket_is_gone()));
-        Handled {
-            syn,
-            verdict,
-            replay,
-        }
     }
 
     /// Looks the stale socket up, lets the guards judge it and destroys it if they allow.
@@ -406,23 +411,79 @@ impl Agent {
 
     /// Re-injects a held SYN, whatever happened to its stale socket: nothing is lost. When the
     /// socket may still be there, the classifier is told first to let this one SYN through.
-    fn replay(&mut self, syn: &StaleSyn, frame: &[u8], socket_is_gone: bool) -> Replay {
-        let started = Instant::now();
-        let result = (|| {
-            if !socket_is_gone {
-                self.classifier.announce_replay(&syn.raw.replay_key())?;
-            }
-            let injector = self
-                .injector
-                .as_ref()
-                .context("a SYN was held but replay is not set up")?;
-            injector.inject(self.classifier.replay_program()?, frame, syn.raw.ifindex)?;
-            anyhow::Ok(injector.method())
-        })();
-        Replay {
-            result,
-            took: started.elapsed(),
-            since_seen: since_seen(syn),
+    /// With `more_waiting` the SYN goes to the replayer thread and `None` is returned; its
+    /// outcome comes with [`Agent::collect_replays`] under `id`.
+    fn replay(
+        &mut self,
+        syn: &StaleSyn,
+        frame: &[u8],
+        socket_is_gone: bool,
+        id: usize,
+        more_waiting: bool,
+    ) -> Option<Replay> {
+        if !socket_is_gone
+            && let Err(error) = self.classifier.announce_replay(&syn.raw.replay_key())
+        {
+            // Re-injected unannounced, the SYN would only be held again.
+            return Some(Replay::failed(error, syn.raw.seen_ns));
+        }
+        let job = Job {
+            id,
+            frame: frame.to_vec(),
+            ifindex: syn.raw.ifindex,
+            seen_ns: syn.raw.seen_ns,
+        };
+        let job = match self.replayer.as_mut() {
+            Some(replayer) if more_waiting => replayer.submit(job).err()?,
+            _ => job,
+        };
+        Some(self.inject_here(&job))
+    }
+
+    /// Re-injects on this thread.
+    fn inject_here(&self, job: &Job) -> Replay {
+        match &self.injector {
+            Some(injector) => replayer::inject(injector, job),
+            None => Replay::failed(
+                anyhow!("a SYN was held but replay is not set up"),
+                job.seen_ns,
+            ),
+        }
+    }
+
+    /// Fills in the outcomes of the SYNs handed to the replayer; re-injects here whatever it
+    /// did not answer.
+    fn collect_replays(&mut self, handled: &mut [Handled]) {
+        let Some(replayer) = self.replayer.as_mut() else {
+            return;
+        };
+        let (done, unanswered) = replayer.collect();
+        for (id, replay) in done {
+            handled[id].replay = Some(replay);
+        }
+        for id in unanswered {
+            let syn = &handled[id].syn;
+            let Some(frame) = syn.held_frame() else {
+                continue;
+            };
+            let job = Job {
+                id,
+                frame: frame.to_vec(),
+                ifindex: syn.raw.ifindex,
+                seen_ns: syn.raw.seen_ns,
+            };
+            handled[id].replay = Some(self.inject_here(&job));
+        }
+    }
+}
+
+/// The next stale SYN in the ring buffer; records that do not decode are reported and skipped.
+fn read_stale_syn(ring: &mut RingBuf<MapData>) -> Option<StaleSyn> {
+    loop {
+        let record = ring.next()?;
+        match StaleSyn::decode(&record, monotonic_ns()) {
+            Ok(syn) => return Some(syn),
+            Err(error) => report::bad_record(&error),
         }
     }
 }
@@ -475,13 +536,4 @@ impl Verdict {
     fn socket_is_gone(&self) -> bool {
         matches!(self, Verdict::Destroyed { .. })
     }
-}
-
-/// What became of one held SYN.
-pub struct Replay {
-    /// The injection method, or why the SYN could not go back.
-    pub result: Result<&'static str>,
-    pub took: Duration,
-    /// From the classifier seeing the SYN to its re-injection.
-    pub since_seen: Duration,
 }

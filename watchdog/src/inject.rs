@@ -11,17 +11,22 @@
 //! Either way the TCP checksum is recomputed first. On a real NIC it is already right and stays
 //! byte-identical; a frame from a veth (or any sender that offloads checksums to the device)
 //! carries only the pseudo-header sum, which the stack would reject in a fresh skb.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+};
 
 use anyhow::{Context, Result, bail};
-use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
+use aya::programs::Xdp;
+use aya_obj::generated::{BPF_F_TEST_XDP_LIVE_FRAMES, bpf_attr, bpf_cmd};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// How held SYNs go back into the stack.
 pub enum Injector {
-    /// `BPF_PROG_RUN` + live frames on the original ingress interface.
-    XdpLiveFrames,
+    /// `BPF_PROG_RUN` + live frames on the original ingress interface, with a descriptor of
+    /// the replay program of its own.
+    XdpLiveFrames { program: OwnedFd },
     /// Raw IP sockets; the SYN arrives on `lo`.
     RawSocket { v4: Socket, v6: Socket },
 }
@@ -30,10 +35,15 @@ impl Injector {
     /// Picks live frames when the kernel supports them: a frame of the IEEE "local
     /// experimental" ethertype 0x88B5, which no protocol handler takes, is injected on `ifindex`.
     pub fn probe(program: &Xdp, ifindex: u32) -> Result<Self> {
+        let program = program
+            .fd()?
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the replay program's descriptor")?;
         let mut probe = [0u8; 60];
         probe[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
-        match inject_live(program, &probe, ifindex) {
-            Ok(()) => Ok(Injector::XdpLiveFrames),
+        match inject_live(program.as_fd(), &probe, ifindex) {
+            Ok(()) => Ok(Injector::XdpLiveFrames { program }),
             Err(error) => {
                 tracing::warn!(
                     event = "replay_fallback",
@@ -56,19 +66,34 @@ impl Injector {
         })
     }
 
+    /// An injector of the same kind, for another thread.
+    pub fn duplicate(&self) -> Result<Self> {
+        Ok(match self {
+            Injector::XdpLiveFrames { program } => Injector::XdpLiveFrames {
+                program: program
+                    .try_clone()
+                    .context("duplicating the replay program's descriptor")?,
+            },
+            Injector::RawSocket { v4, v6 } => Injector::RawSocket {
+                v4: v4.try_clone().context("duplicating the raw IPv4 socket")?,
+                v6: v6.try_clone().context("duplicating the raw IPv6 socket")?,
+            },
+        })
+    }
+
     pub fn method(&self) -> &'static str {
         match self {
-            Injector::XdpLiveFrames => "xdp_live_frames",
+            Injector::XdpLiveFrames { .. } => "xdp_live_frames",
             Injector::RawSocket { .. } => "raw_socket",
         }
     }
 
     /// Re-injects one Ethernet frame holding a TCP SYN that arrived on `ifindex`.
-    pub fn inject(&self, program: &Xdp, frame: &[u8], ifindex: u32) -> Result<()> {
+    pub fn inject(&self, frame: &[u8], ifindex: u32) -> Result<()> {
         let mut frame = frame.to_vec();
         let ip_offset = fix_tcp_checksum(&mut frame)?;
         match self {
-            Injector::XdpLiveFrames => inject_live(program, &frame, ifindex),
+            Injector::XdpLiveFrames { program } => inject_live(program.as_fd(), &frame, ifindex),
             Injector::RawSocket { v4, v6 } => {
                 let packet = &frame[ip_offset..];
                 let (socket, destination) = match destination(packet)? {
@@ -98,7 +123,10 @@ struct XdpMd {
     egress_ifindex: u32,
 }
 
-fn inject_live(program: &Xdp, frame: &[u8], ifindex: u32) -> Result<()> {
+/// `BPF_PROG_RUN` of the replay program with `BPF_F_TEST_XDP_LIVE_FRAMES`. The syscall itself,
+/// because aya runs a program only through its own program object, and a second object for
+/// another thread (`from_program_info`) needs `CAP_SYS_ADMIN`; a duplicated descriptor does not.
+fn inject_live(program: BorrowedFd<'_>, frame: &[u8], ifindex: u32) -> Result<()> {
     let md = XdpMd {
         data: 0,
         data_end: frame.len() as u32,
@@ -107,20 +135,32 @@ fn inject_live(program: &Xdp, frame: &[u8], ifindex: u32) -> Result<()> {
         rx_queue_index: 0,
         egress_ifindex: 0,
     };
-    // SAFETY: `XdpMd` is plain `repr(C)` data without padding.
-    let ctx = unsafe {
-        std::slice::from_raw_parts((&md as *const XdpMd).cast::<u8>(), size_of::<XdpMd>())
+    // SAFETY: all-zero is a valid `bpf_attr`.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: writing plain fields of the union's `test` member, the one BPF_PROG_RUN reads.
+    let test = unsafe { &mut attr.test };
+    test.prog_fd = program.as_raw_fd() as u32;
+    test.data_in = frame.as_ptr() as u64;
+    test.data_size_in = frame.len() as u32;
+    test.ctx_in = (&raw const md) as u64;
+    test.ctx_size_in = size_of::<XdpMd>() as u32;
+    test.repeat = 1;
+    test.flags = BPF_F_TEST_XDP_LIVE_FRAMES;
+    test.batch_size = 1;
+    // SAFETY: `attr` is a valid BPF_PROG_RUN request; the frame and context it points at
+    // outlive the call, and the kernel only reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_PROG_TEST_RUN as libc::c_int,
+            &raw mut attr,
+            size_of::<bpf_attr>() as libc::c_uint,
+        )
     };
     // In live-frames mode the kernel reports no return value; an error is the only failure.
-    program
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            ctx_in: Some(ctx),
-            repeat: 1,
-            attrs: TestRunAttrs::new().xdp_live_frames(1),
-            ..TestRunOptions::new()
-        })
-        .context("BPF_PROG_RUN with live frames")?;
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_PROG_RUN with live frames");
+    }
     Ok(())
 }
 

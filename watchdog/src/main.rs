@@ -3,9 +3,10 @@
 //! The data path, one module each:
 //! packet → classifier (`watchdog-ebpf`, loaded by [`classifier`]) → ring buffer ([`events`])
 //! → decision ([`guard`]) → action ([`action`] through [`sock_diag`]; [`inject`] for held
-//! SYNs) → log ([`report`]), driven by the loop in [`agent`]. Beside it, a sock_ops program
-//! follows the watched connections and sets per-port keepalive and user timeout;
-//! [`connections`] tells their story.
+//! SYNs, on the [`replayer`] thread in a burst) → log ([`report`]), driven by the loop in
+//! [`agent`]; the log feeds the [`journal`], live followers ([`control`]) and the [`metrics`]
+//! through the [`recorder`]. Beside it, a sock_ops program follows the watched connections and
+//! sets per-port keepalive and user timeout; [`connections`] tells their story.
 mod action;
 mod agent;
 mod classifier;
@@ -23,6 +24,7 @@ mod logging;
 mod metrics;
 mod preflight;
 mod recorder;
+mod replayer;
 mod report;
 mod sock_diag;
 

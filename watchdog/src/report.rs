@@ -7,12 +7,13 @@ use tracing::{debug, error, info, warn};
 use watchdog_common::Counter;
 
 use crate::{
-    agent::{Replay, Verdict},
+    agent::Verdict,
     classifier::Classifier,
     config::{PortTimerConfig, RunConfig},
     connections::{Cause, DeadPeer, Story},
     events::StaleSyn,
     preflight::KernelFeatures,
+    replayer::Replay,
 };
 
 pub fn attached(config: &RunConfig, classifier: &Classifier, replay: Option<&str>) {
