@@ -21,8 +21,8 @@
 //! At exit aya removes this agent's filter; the `clsact` qdisc goes too when this agent added it
 //! and nothing else hangs on it, so a clean run leaves the interface as it found it.
 //!
-//! aya lists TCX programs but not netlink filters, so this module speaks rtnetlink itself: a
-//! filter dump (`RTM_GETTFILTER`) and a qdisc delete (`RTM_DELQDISC`).
+//! aya lists TCX programs but not netlink filters, so this module asks rtnetlink itself
+//! (`netlink-packet-route` messages over [`Channel`]): a filter dump and a qdisc delete.
 use std::{
     fs::{File, OpenOptions},
     io,
@@ -36,33 +36,30 @@ use aya::{
     maps::{Array, Map, MapData, MapInfo},
     programs::{TcAttachType, loaded_programs, tc},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkPayload};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
+};
+use netlink_sys::protocols::NETLINK_ROUTE;
 use watchdog_common::{HEARTBEAT_TIMEOUT_NS, names};
 
-use crate::{config::Interface, events::monotonic_ns};
+use crate::{config::Interface, events::monotonic_ns, netlink::Channel};
 
-const RTM_DELQDISC: u16 = 37;
-const RTM_GETTFILTER: u16 = 46;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_HDRLEN: usize = 16;
-const TCMSG_LEN: usize = 20;
-const TCA_KIND: u16 = 1;
-const TCA_OPTIONS: u16 = 2;
-const TCA_BPF_NAME: u16 = 7;
-const TCA_BPF_ID: u16 = 11;
-/// `TC_H_CLSACT` (= `TC_H_INGRESS`): the clsact qdisc's parent.
-const TC_H_CLSACT: u32 = 0xffff_fff1;
+/// The clsact hooks filters hang on.
+const CLSACT_INGRESS: TcHandle = TcHandle {
+    major: TcHandle::CLSACT.major,
+    minor: TcHandle::MIN_INGRESS,
+};
+const CLSACT_EGRESS: TcHandle = TcHandle {
+    major: TcHandle::CLSACT.major,
+    minor: TcHandle::MIN_EGRESS,
+};
 /// The clsact qdisc's own handle, `ffff:`.
-const CLSACT_HANDLE: u32 = 0xffff_0000;
-/// Filter parents: `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / TC_H_MIN_EGRESS)`.
-const CLSACT_INGRESS: u32 = 0xffff_fff2;
-const CLSACT_EGRESS: u32 = 0xffff_fff3;
-/// Upper bound on one request/answer exchange.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+const CLSACT_HANDLE: TcHandle = TcHandle {
+    major: 0xffff,
+    minor: 0,
+};
 
 /// A BPF filter found on a clsact hook.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,16 +188,18 @@ pub fn remove_if_unused(ifindex: u32) -> Result<()> {
             return Ok(());
         }
     }
-    let mut request = request(
-        RTM_DELQDISC,
+    let mut request = TcMessage::with_index(ifindex as i32);
+    request.header.parent = TcHandle::CLSACT;
+    request.header.handle = CLSACT_HANDLE;
+    request.attributes.push(TcAttribute::Kind("clsact".into()));
+    let mut channel = Channel::open(NETLINK_ROUTE)?;
+    let seq = channel.send(
+        RouteNetlinkMessage::DelQueueDiscipline(request),
         NLM_F_REQUEST | NLM_F_ACK,
-        ifindex,
-        TC_H_CLSACT,
-    );
-    // tcm_handle
-    request[NLMSG_HDRLEN + 8..NLMSG_HDRLEN + 12].copy_from_slice(&CLSACT_HANDLE.to_ne_bytes());
-    push_attribute(&mut request, TCA_KIND, b"clsact\0");
-    exchange(&request).context("deleting the clsact qdisc this agent added")
+    )?;
+    channel
+        .acknowledged::<RouteNetlinkMessage>(seq)
+        .context("deleting the clsact qdisc this agent added")
 }
 
 /// How long ago the program's agent last beat.
@@ -255,210 +254,118 @@ fn heartbeat(program_id: u32) -> Result<Heartbeat> {
 }
 
 /// The BPF filters under `parent` (a clsact hook) of `ifindex`.
-fn filters(ifindex: u32, parent: u32) -> io::Result<Vec<BpfFilter>> {
-    let request = request(RTM_GETTFILTER, NLM_F_REQUEST | NLM_F_DUMP, ifindex, parent);
-    let socket = open()?;
-    socket.send(&request, 0)?;
+fn filters(ifindex: u32, parent: TcHandle) -> io::Result<Vec<BpfFilter>> {
+    let mut request = TcMessage::with_index(ifindex as i32);
+    request.header.parent = parent;
+    let mut channel = Channel::open(NETLINK_ROUTE)?;
+    let seq = channel.send(
+        RouteNetlinkMessage::GetTrafficFilter(request),
+        NLM_F_REQUEST | NLM_F_DUMP,
+    )?;
     let mut found = Vec::new();
-    let mut buffer = vec![0u8; 64 * 1024];
     loop {
-        let len = socket.recv(&mut &mut buffer[..], 0)?;
-        for (kind, payload) in messages(&buffer[..len]) {
-            match kind {
-                NLMSG_DONE => return Ok(found),
-                NLMSG_ERROR => {
-                    let code = payload
-                        .get(..4)
-                        .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-                        .unwrap_or(-libc::EIO);
-                    if code != 0 {
-                        return Err(io::Error::from_raw_os_error(-code));
-                    }
-                    return Ok(found);
+        for payload in channel.receive_all::<RouteNetlinkMessage>(seq)? {
+            match payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(filter)) => {
+                    found.extend(bpf_filter(&filter));
                 }
-                _ => found.extend(parse_filter(payload)),
+                NetlinkPayload::Error(error) if error.code.is_some() => return Err(error.to_io()),
+                NetlinkPayload::Done(_) | NetlinkPayload::Error(_) => return Ok(found),
+                _ => {}
             }
         }
     }
 }
 
-/// Sends one request that asks for an acknowledgement and waits for it.
-fn exchange(request: &[u8]) -> io::Result<()> {
-    let socket = open()?;
-    socket.send(request, 0)?;
-    let mut buffer = vec![0u8; 8 * 1024];
-    loop {
-        let len = socket.recv(&mut &mut buffer[..], 0)?;
-        for (kind, payload) in messages(&buffer[..len]) {
-            if kind == NLMSG_ERROR {
-                let code = payload
-                    .get(..4)
-                    .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-                    .unwrap_or(-libc::EIO);
-                return if code == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::from_raw_os_error(-code))
-                };
-            }
+/// A dumped filter as a BPF filter, if it is one with a program (a dump also lists each
+/// priority's empty chain head).
+fn bpf_filter(filter: &TcMessage) -> Option<BpfFilter> {
+    let mut kind = None;
+    let mut options: &[TcOption] = &[];
+    for attribute in &filter.attributes {
+        match attribute {
+            TcAttribute::Kind(k) => kind = Some(k.as_str()),
+            TcAttribute::Options(o) => options = o,
+            _ => {}
         }
     }
-}
-
-fn open() -> io::Result<Socket> {
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    let tv = libc::timeval {
-        tv_sec: REPLY_TIMEOUT.as_secs() as libc::time_t,
-        tv_usec: 0,
-    };
-    // SAFETY: valid fd and a correctly sized `timeval`.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(socket)
-}
-
-/// A netlink header and a `tcmsg` for `ifindex` and `parent`; the length is kept up to date by
-/// [`push_attribute`].
-fn request(kind: u16, flags: u16, ifindex: u32, parent: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64);
-    out.extend_from_slice(&((NLMSG_HDRLEN + TCMSG_LEN) as u32).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(&flags.to_ne_bytes());
-    out.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    out.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel fills it in
-    out.push(libc::AF_UNSPEC as u8); // tcm_family
-    out.extend_from_slice(&[0; 3]); // padding
-    out.extend_from_slice(&(ifindex as i32).to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes()); // tcm_handle
-    out.extend_from_slice(&parent.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes()); // tcm_info
-    out
-}
-
-fn push_attribute(message: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    let len = 4 + value.len();
-    message.extend_from_slice(&(len as u16).to_ne_bytes());
-    message.extend_from_slice(&kind.to_ne_bytes());
-    message.extend_from_slice(value);
-    message.resize(align4(message.len()), 0);
-    let total = message.len() as u32;
-    message[..4].copy_from_slice(&total.to_ne_bytes());
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-/// The netlink messages in one datagram: (type, payload).
-fn messages(mut buffer: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while buffer.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes(buffer[..4].try_into().expect("4 bytes")) as usize;
-        let kind = u16::from_ne_bytes(buffer[4..6].try_into().expect("2 bytes"));
-        if len < NLMSG_HDRLEN || len > buffer.len() {
-            break;
-        }
-        out.push((kind, &buffer[NLMSG_HDRLEN..len]));
-        buffer = &buffer[align4(len).min(buffer.len())..];
-    }
-    out
-}
-
-/// The attributes in `buffer`: (type without flag bits, value).
-fn attributes(mut buffer: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while buffer.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([buffer[0], buffer[1]]));
-        let kind = u16::from_ne_bytes([buffer[2], buffer[3]]) & 0x3fff;
-        if len < 4 || len > buffer.len() {
-            break;
-        }
-        out.push((kind, &buffer[4..len]));
-        buffer = &buffer[align4(len).min(buffer.len())..];
-    }
-    out
-}
-
-/// A `RTM_NEWTFILTER` payload (a `tcmsg` and attributes) as a BPF filter, if it is one with a
-/// program (a dump also lists each priority's empty chain head).
-fn parse_filter(payload: &[u8]) -> Option<BpfFilter> {
-    let attrs = attributes(payload.get(TCMSG_LEN..)?);
-    let kind = attrs.iter().find(|(k, _)| *k == TCA_KIND)?.1;
-    if kind.strip_suffix(b"\0").unwrap_or(kind) != b"bpf" {
+    if kind != Some("bpf") {
         return None;
     }
-    let options = attributes(attrs.iter().find(|(k, _)| *k == TCA_OPTIONS)?.1);
-    let name = options
-        .iter()
-        .find(|(k, _)| *k == TCA_BPF_NAME)
-        .map(|(_, v)| String::from_utf8_lossy(v.strip_suffix(b"\0").unwrap_or(v)).into_owned());
-    let id = options
-        .iter()
-        .find(|(k, _)| *k == TCA_BPF_ID)
-        .and_then(|(_, v)| Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?)))?;
+    let (mut name, mut program_id) = (None, None);
+    for option in options {
+        match option {
+            TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => name = Some(n.clone()),
+            TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => program_id = Some(*id),
+            _ => {}
+        }
+    }
     Some(BpfFilter {
         name: name.unwrap_or_default(),
-        program_id: id,
+        program_id: program_id?,
     })
 }
 
 #[cfg(test)]
 mod tests {
+    use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
+
     use super::*;
 
-    fn attribute(kind: u16, value: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-        out.extend_from_slice(&kind.to_ne_bytes());
-        out.extend_from_slice(value);
-        out.resize(align4(out.len()), 0);
-        out
+    /// A filter as the kernel dumps it, through the crate's own serializer and parser.
+    fn dumped(attributes: Vec<TcAttribute>) -> TcMessage {
+        let mut message = TcMessage::with_index(7);
+        message.header.parent = CLSACT_INGRESS;
+        message.attributes = attributes;
+        let mut packet = NetlinkMessage::new(
+            NetlinkHeader::default(),
+            NetlinkPayload::from(RouteNetlinkMessage::NewTrafficFilter(message)),
+        );
+        packet.finalize();
+        let mut bytes = vec![0; packet.buffer_len()];
+        packet.serialize(&mut bytes);
+        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&bytes)
+            .expect("parses")
+            .payload
+        {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(m)) => m,
+            other => panic!("not a filter: {other:?}"),
+        }
     }
 
     #[test]
     fn a_bpf_filter_is_read_from_its_dump_message() {
-        let mut options = attribute(TCA_BPF_NAME, b"stale_syn_classifier\0");
-        options.extend(attribute(TCA_BPF_ID, &42u32.to_ne_bytes()));
-        let mut payload = vec![0u8; TCMSG_LEN];
-        payload.extend(attribute(TCA_KIND, b"bpf\0"));
-        // NLA_F_NESTED set, as the kernel sends it.
-        payload.extend(attribute(TCA_OPTIONS | 0x8000, &options));
+        let filter = dumped(vec![
+            TcAttribute::Kind("bpf".into()),
+            TcAttribute::Options(vec![
+                TcOption::Bpf(TcFilterBpfOption::ProgName("stale_syn_classifier".into())),
+                TcOption::Bpf(TcFilterBpfOption::ProgId(42)),
+            ]),
+        ]);
         assert_eq!(
-            parse_filter(&payload),
+            bpf_filter(&filter),
             Some(BpfFilter {
                 name: "stale_syn_classifier".into(),
                 program_id: 42
             })
         );
         // A chain head: kind only.
-        let mut head = vec![0u8; TCMSG_LEN];
-        head.extend(attribute(TCA_KIND, b"bpf\0"));
-        assert_eq!(parse_filter(&head), None);
+        assert_eq!(
+            bpf_filter(&dumped(vec![TcAttribute::Kind("bpf".into())])),
+            None
+        );
+        // Another kind of filter.
+        assert_eq!(
+            bpf_filter(&dumped(vec![TcAttribute::Kind("u32".into())])),
+            None
+        );
     }
 
     #[test]
-    fn requests_carry_their_length() {
-        let mut message = request(RTM_DELQDISC, NLM_F_REQUEST | NLM_F_ACK, 7, TC_H_CLSACT);
-        push_attribute(&mut message, TCA_KIND, b"clsact\0");
-        assert_eq!(message.len(), NLMSG_HDRLEN + TCMSG_LEN + 12);
-        assert_eq!(
-            u32::from_ne_bytes(message[..4].try_into().unwrap()) as usize,
-            message.len()
-        );
-        let parsed = messages(&message);
-        assert_eq!(parsed.len(), 1);
-        assert_eq!(parsed[0].0, RTM_DELQDISC);
+    fn the_hooks_are_clsact_ingress_and_egress() {
+        assert_eq!(u32::from(CLSACT_INGRESS), 0xffff_fff2);
+        assert_eq!(u32::from(CLSACT_EGRESS), 0xffff_fff3);
+        assert_eq!(u32::from(TcHandle::CLSACT), 0xffff_fff1);
+        assert_eq!(u32::from(CLSACT_HANDLE), 0xffff_0000);
     }
 }

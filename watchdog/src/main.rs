@@ -22,6 +22,7 @@ mod inspect;
 mod journal;
 mod logging;
 mod metrics;
+mod netlink;
 mod preflight;
 mod recorder;
 mod replayer;

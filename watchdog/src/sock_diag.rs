@@ -9,22 +9,20 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::fd::AsRawFd,
     time::Duration,
 };
 
 use anyhow::{Context, Result};
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload, NetlinkSerializable,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkPayload};
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
     message::SockDiagDestroy,
 };
-use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
+use netlink_sys::protocols::NETLINK_SOCK_DIAG;
+
+use crate::netlink::Channel;
 
 /// `INET_DIAG_NOCOOKIE`: match by tuple alone.
 const NO_COOKIE: [u8; 8] = [0xff; 8];
@@ -35,8 +33,6 @@ pub const TCP_ESTABLISHED: u8 = 1;
 const TCPI_PROBES_OFFSET: usize = 3;
 const TCPI_UNACKED_OFFSET: usize = 24;
 const TCPI_LAST_DATA_RECV_OFFSET: usize = 52;
-/// Upper bound on one request/answer exchange, so a kernel hiccup cannot stall the agent.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One TCP socket named by its tuple from the server's side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,20 +81,13 @@ pub enum DestroyProbe {
 }
 
 pub struct SockDiag {
-    socket: Socket,
-    seq: u32,
+    channel: Channel,
 }
 
 impl SockDiag {
     pub fn open() -> Result<Self> {
-        let mut socket =
-            Socket::new(NETLINK_SOCK_DIAG).context("opening a NETLINK_SOCK_DIAG socket")?;
-        socket.bind_auto().context("binding the sock_diag socket")?;
-        socket
-            .connect(&NetlinkAddr::new(0, 0))
-            .context("connecting the sock_diag socket")?;
-        set_receive_timeout(&socket, REPLY_TIMEOUT).context("setting SO_RCVTIMEO")?;
-        Ok(SockDiag { socket, seq: 0 })
+        let channel = Channel::open(NETLINK_SOCK_DIAG).context("opening a sock_diag socket")?;
+        Ok(SockDiag { channel })
     }
 
     /// Every ESTABLISHED TCP socket of this namespace whose local port is in `ports`, with the
@@ -117,9 +106,9 @@ impl SockDiag {
                     SocketId::new_v6()
                 },
             });
-            let seq = self.send(request, NLM_F_REQUEST | NLM_F_DUMP)?;
+            let seq = self.channel.send(request, NLM_F_REQUEST | NLM_F_DUMP)?;
             'dump: loop {
-                for payload in self.receive_all::<SockDiagMessage>(seq)? {
+                for payload in self.channel.receive_all::<SockDiagMessage>(seq)? {
                     match payload {
                         NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
                             let id = &r.header.socket_id;
@@ -159,9 +148,9 @@ impl SockDiag {
     /// The socket that owns exactly `tuple`, if any (listeners are returned too: check `state`).
     pub fn find(&mut self, tuple: &TcpTuple) -> io::Result<Option<SocketInfo>> {
         let request = SockDiagMessage::InetRequest(inet_request(tuple, NO_COOKIE));
-        let seq = self.send(request, NLM_F_REQUEST)?;
+        let seq = self.channel.send(request, NLM_F_REQUEST)?;
         loop {
-            let reply = self.receive::<SockDiagMessage>(seq)?;
+            let reply = self.channel.receive::<SockDiagMessage>(seq)?;
             match reply {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
                     let idle = response.nlas.iter().find_map(|nla| match nla {
@@ -190,18 +179,8 @@ impl SockDiag {
     pub fn destroy(&mut self, tuple: &TcpTuple, cookie: [u8; 8]) -> io::Result<()> {
         let request =
             SockDiagDestroy::new(SockDiagMessage::InetRequest(inet_request(tuple, cookie)));
-        let seq = self.send(request, NLM_F_REQUEST | NLM_F_ACK)?;
-        loop {
-            match self.receive::<SockDiagMessage>(seq)? {
-                NetlinkPayload::Error(error) => {
-                    return match error.code {
-                        None => Ok(()),
-                        Some(_) => Err(error.to_io()),
-                    };
-                }
-                _ => continue,
-            }
-        }
+        let seq = self.channel.send(request, NLM_F_REQUEST | NLM_F_ACK)?;
+        self.channel.acknowledged::<SockDiagMessage>(seq)
     }
 
     /// Asks to destroy a socket that cannot exist (0.0.0.0:0 ↔ 0.0.0.0:0): ENOENT means the
@@ -220,59 +199,6 @@ impl SockDiag {
             Err(e) => Err(e).context("probing SOCK_DESTROY"),
             Ok(()) => Ok(DestroyProbe::Supported),
         }
-    }
-
-    fn send<M: NetlinkSerializable>(&mut self, message: M, flags: u16) -> io::Result<u32>
-    where
-        NetlinkPayload<M>: From<M>,
-    {
-        self.seq = self.seq.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = flags;
-        header.sequence_number = self.seq;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(message));
-        packet.finalize();
-        let mut buf = vec![0; packet.buffer_len()];
-        packet.serialize(&mut buf);
-        self.socket.send(&buf, 0)?;
-        Ok(self.seq)
-    }
-
-    /// Every message of the next datagram that answers `seq` (a dump spans many datagrams).
-    fn receive_all<M>(&mut self, seq: u32) -> io::Result<Vec<NetlinkPayload<M>>>
-    where
-        M: NetlinkDeserializable,
-    {
-        loop {
-            let mut buf = vec![0u8; 65536];
-            let len = self.socket.recv(&mut &mut buf[..], 0)?;
-            let mut offset = 0;
-            let mut out = Vec::new();
-            while offset < len {
-                let message = NetlinkMessage::<M>::deserialize(&buf[offset..len])
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                let advance = message.header.length as usize;
-                if message.header.sequence_number == seq {
-                    out.push(message.payload);
-                }
-                if advance == 0 {
-                    break;
-                }
-                offset += advance;
-            }
-            if !out.is_empty() {
-                return Ok(out);
-            }
-        }
-    }
-
-    /// The first message answering `seq` (requests other than dumps get exactly one).
-    fn receive<M>(&mut self, seq: u32) -> io::Result<NetlinkPayload<M>>
-    where
-        M: NetlinkDeserializable,
-    {
-        let mut messages = self.receive_all(seq)?;
-        Ok(messages.swap_remove(0))
     }
 }
 
@@ -316,28 +242,6 @@ fn last_data_recv(tcp_info: &[u8]) -> Option<Duration> {
 fn u32_at(bytes: &[u8], offset: usize) -> Option<u32> {
     let bytes = bytes.get(offset..offset + 4)?;
     Some(u32::from_ne_bytes(bytes.try_into().ok()?))
-}
-
-fn set_receive_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: valid fd and a correctly sized `timeval`.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 #[cfg(test)]
