@@ -108,6 +108,10 @@ pub struct Args {
     /// 2 rounds of 0.5 s: for trying the benchmark out, not for numbers.
     #[arg(long)]
     pub quick: bool,
+    /// One more `watchdog run` argument for the attached arm (repeatable), to measure a
+    /// deployment's variant, e.g. `--agent-arg=--cgroup=/sys/fs/cgroup/legacy.slice`.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
 }
 
 /// What a run does, from [`Args`].
@@ -120,6 +124,7 @@ pub struct Options {
     /// In [`Workload::ALL`] order.
     pub workloads: Vec<Workload>,
     pub perf: Option<Workload>,
+    pub agent_args: Vec<String>,
 }
 
 impl From<Args> for Options {
@@ -139,6 +144,7 @@ impl From<Args> for Options {
                 .filter(|w| args.workloads.contains(w))
                 .collect(),
             perf: args.perf,
+            agent_args: args.agent_args,
         }
     }
 }
@@ -243,7 +249,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
     eprintln!(
         "overhead benchmark: {} round(s) × 2 arms × 4 workloads × {:.1} s (+{:.1} s warm-up); \
          rr {RR_BYTES} B over 1 and {} connection(s); bulk with {}; cps with \
-         {CPS_THREADS_PER_CPU} threads per CPU; {priority}; agent {}",
+         {CPS_THREADS_PER_CPU} threads per CPU; {priority}; agent {}{}",
         opts.rounds,
         opts.secs,
         opts.warmup,
@@ -253,7 +259,12 @@ pub fn main(args: Args) -> Result<ExitCode> {
         } else {
             "the built-in sender (iperf3 not found: `apt-get install iperf3`)"
         },
-        agent_bin.display()
+        agent_bin.display(),
+        if opts.agent_args.is_empty() {
+            String::new()
+        } else {
+            format!(" with {}", opts.agent_args.join(" "))
+        }
     );
     let net = TestNet::new("bench_overhead")?;
     for (key, value) in [
@@ -277,6 +288,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
     for p in &ports {
         agent_args.extend(["--port", p.as_str()]);
     }
+    agent_args.extend(opts.agent_args.iter().map(String::as_str));
     let agent_log = output_dir()?.join("overhead-agent.log");
 
     let mut without = ArmResults::default();
