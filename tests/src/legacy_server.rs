@@ -100,27 +100,8 @@ impl Shared {
     }
 
     /// Waits until `pick` finds something in the state, or `timeout` passes.
-    fn wait_for<T>(
-        &self,
-        timeout: Duration,
-        mut pick: impl FnMut(&State) -> Option<T>,
-    ) -> Option<T> {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.lock();
-        loop {
-            if let Some(found) = pick(&state) {
-                return Some(found);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+    fn wait_for<T>(&self, timeout: Duration, pick: impl FnMut(&State) -> Option<T>) -> Option<T> {
+        crate::wait::wait_for(&self.state, &self.changed, timeout, pick)
     }
 }
 

@@ -19,6 +19,7 @@ pub mod privilege;
 pub mod raw;
 pub mod scenario;
 pub mod traffic;
+pub mod wait;
 
 pub use agent::{Agent, AgentExit, AgentLine, num_field, str_field};
 pub use dumb_client::{Connection, DumbClient, ReconnectOutcome, connect_healthy};

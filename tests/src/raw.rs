@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::netns::{current_ifindex, run_in_ns};
+use crate::wait::wait_for;
 
 const ETH_HLEN: usize = 14;
 const ETHERTYPE_IPV4: u16 = 0x0800;
@@ -127,27 +128,21 @@ impl SynCapture {
 
     /// Waits up to `timeout` for the first captured SYN for which `want` holds.
     pub fn wait_syn(&self, want: impl Fn(&SynInfo) -> bool, timeout: Duration) -> Result<Vec<u8>> {
-        let deadline = Instant::now() + timeout;
-        let mut frames = self.shared.frames();
-        loop {
-            if let Some(f) = frames
+        let shared = &self.shared;
+        wait_for(&shared.frames, &shared.changed, timeout, |frames| {
+            frames
                 .iter()
                 .find(|f| parse_syn(&f.bytes).is_some_and(|s| want(&s)))
-            {
-                return Ok(f.bytes.clone());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                let seen: Vec<_> = frames.iter().filter_map(|f| parse_syn(&f.bytes)).collect();
-                bail!("no matching outgoing SYN captured within {timeout:?}; captured: {seen:?}");
-            }
-            frames = self
-                .shared
-                .changed
-                .wait_timeout(frames, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+                .map(|f| f.bytes.clone())
+        })
+        .with_context(|| {
+            let seen: Vec<_> = shared
+                .frames()
+                .iter()
+                .filter_map(|f| parse_syn(&f.bytes))
+                .collect();
+            format!("no matching outgoing SYN captured within {timeout:?}; captured: {seen:?}")
+        })
     }
 }
 

@@ -57,6 +57,7 @@ use crate::netns::{Family, TestNet, ns_exec, ns_exec_stdin, run_in_ns};
 use crate::privilege::is_root;
 use crate::scenario::{FIXED_PORT, GREETING, SERVER_PORT};
 use crate::spoof::{FrameInjector, Macs, Rng, syn_frame};
+use crate::wait::wait_for;
 use plotters::chart::SeriesLabelPosition;
 
 /// Targets from the issue.
@@ -1155,28 +1156,10 @@ impl Holder {
     }
 
     /// Waits until `pick` finds something, at most `timeout`.
-    fn wait<T>(
-        &self,
-        timeout: Duration,
-        mut pick: impl FnMut(&HolderState) -> Option<T>,
-    ) -> Result<T> {
-        let end = Instant::now() + timeout;
-        let mut state = self.lock();
-        loop {
-            if let Some(t) = pick(&state) {
-                return Ok(t);
-            }
-            let now = Instant::now();
-            if now >= end {
-                bail!("the holding server did not get there within {timeout:?}");
-            }
-            state = self
-                .shared
-                .changed
-                .wait_timeout(state, end - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+    fn wait<T>(&self, timeout: Duration, pick: impl FnMut(&HolderState) -> Option<T>) -> Result<T> {
+        let shared = &self.shared;
+        wait_for(&shared.state, &shared.changed, timeout, pick)
+            .with_context(|| format!("the holding server did not get there within {timeout:?}"))
     }
 
     /// Waits for a connection from `peer` newer than `after`; returns its id.
