@@ -1861,57 +1861,90 @@ impl Report {
     }
 
     fn json(&self) -> Value {
-        let mut top = Map::new();
         let o = &self.opts;
-        top.insert("benchmark".into(), json!("scale"));
-        top.insert("conns".into(), json!(o.conns));
-        top.insert("conns_open_s".into(), json!(round3(self.open_secs)));
-        top.insert("holders_lost".into(), json!(self.holders_lost));
-        top.insert(
-            "conns_agent_quiet_s".into(),
-            json!(round3(self.open_agent_secs)),
-        );
-        top.insert(
-            "conns_agent_cpu_pct".into(),
-            json!(round3(self.open_usage.cpu_pct)),
-        );
-        top.insert(
-            "conns_connected_logged".into(),
-            json!(self.connected_logged),
-        );
-        top.insert(
-            "agent_rss_conns_mib".into(),
-            json!(self.latency_peak_rss_mib.map(round3)),
-        );
-        top.insert("cycles".into(), json!(o.cycles));
-        for (key, c) in [("detect_1", &self.one), ("detect_n", &self.many)] {
-            let p = Percentiles::of(&c.reconnect);
+        let m = &self.mass;
+        let fl = &self.flood;
+        let mass = Percentiles::of(&m.recovery);
+        // In parts: one `json!` literal of all keys exceeds the macro recursion limit.
+        let mut top = Map::new();
+        for part in [
+            json!({
+                "benchmark": "scale",
+                "conns": o.conns,
+                "conns_open_s": round3(self.open_secs),
+                "holders_lost": self.holders_lost,
+                "conns_agent_quiet_s": round3(self.open_agent_secs),
+                "conns_agent_cpu_pct": round3(self.open_usage.cpu_pct),
+                "conns_connected_logged": self.connected_logged,
+                "cycles": o.cycles,
+                "detect_flat_ratio_p50": self.flat_ratio().map(round3),
+                "total_s": round3(self.total_secs),
+            }),
+            json!({
+                "mass_crash_clients": m.clients,
+                "mass_crash_recovered": m.recovery.len(),
+                "mass_crash_p50_ms": ms(mass, |p| p.p50_ms),
+                "mass_crash_p90_ms": ms(mass, |p| p.p90_ms),
+                "mass_crash_p99_ms": ms(mass, |p| p.p99_ms),
+                "mass_crash_max_ms": ms(mass, |p| p.max_ms),
+                "mass_crash_agent_us_per_syn": m.service_us().map(round3),
+                "mass_crash_issue_ms": m.issue_ms.map(round3),
+                "mass_crash_stale_syn": m.stale_syn,
+                "mass_crash_held": m.held,
+                "mass_crash_destroyed": m.destroyed,
+                "mass_crash_replayed": m.replayed,
+                "mass_crash_refused": m.would_destroy,
+                "mass_crash_server_aborted": m.server_aborted,
+                "mass_crash_server_accepted": m.server_accepted,
+            }),
+            json!({
+                "agent_rss_conns_mib": self.latency_peak_rss_mib.map(round3),
+                "ringbuf_full": self.ringbuf_full(),
+                "agent_rss_mib": round3(self.agent_rss_mib()),
+                "agent_rss_idle_mib": round3(self.idle.rss_max_mib),
+                "agent_cpu_idle_pct": round3(self.idle.cpu_pct),
+                "agent_rss_mass_crash_mib": round3(m.usage.rss_max_mib),
+                "agent_cpu_mass_crash_pct": round3(m.usage.cpu_pct),
+                "agent_rss_flood_mib": round3(fl.during.rss_max_mib),
+                "agent_cpu_flood_pct": round3(fl.during.cpu_pct),
+                "agent_cpu_flood_before_pct": round3(fl.before.cpu_pct),
+                "agent_cpu_flood_after_pct": round3(fl.after.cpu_pct),
+            }),
+            json!({
+                "flood_rate": fl.rate,
+                "flood_sent": fl.sent,
+                "flood_secs": round3(fl.actual_secs),
+                "flood_secs_planned": fl.secs,
+                "flood_stale_syn_logged": fl.stale_syn_logged,
+                "flood_classifier_stale": fl.classifier_stale,
+                "flood_ringbuf_full": fl.ringbuf_full,
+                "flood_refused": fl.would_destroy,
+                "flood_destroyed": fl.destroyed,
+                "flood_live_closed": fl.live_closed,
+            }),
+        ] {
+            if let Value::Object(part) = part {
+                top.extend(part);
+            }
+        }
+        let mut percentiles = |key: String, samples: &[Duration], with_max: bool| {
+            let p = Percentiles::of(samples);
             top.insert(format!("{key}_p50_ms"), json!(ms(p, |p| p.p50_ms)));
             top.insert(format!("{key}_p99_ms"), json!(ms(p, |p| p.p99_ms)));
-            top.insert(format!("{key}_max_ms"), json!(ms(p, |p| p.max_ms)));
+            if with_max {
+                top.insert(format!("{key}_max_ms"), json!(ms(p, |p| p.max_ms)));
+            }
+        };
+        for (key, c) in [("detect_1", &self.one), ("detect_n", &self.many)] {
+            percentiles(key.to_owned(), &c.reconnect, true);
             for (name, v) in [
                 ("event_latency", &c.event_latency),
                 ("destroyed", &c.destroyed),
                 ("replayed", &c.replayed),
             ] {
-                let p = Percentiles::of(v);
-                top.insert(format!("{key}_{name}_p50_ms"), json!(ms(p, |p| p.p50_ms)));
-                top.insert(format!("{key}_{name}_p99_ms"), json!(ms(p, |p| p.p99_ms)));
+                percentiles(format!("{key}_{name}"), v, false);
             }
-            top.insert(format!("{key}_failures"), json!(c.failures.len()));
         }
-        top.insert(
-            "detect_flat_ratio_p50".into(),
-            json!(self.flat_ratio().map(round3)),
-        );
-        let m = &self.mass;
-        let p = Percentiles::of(&m.recovery);
-        top.insert("mass_crash_clients".into(), json!(m.clients));
-        top.insert("mass_crash_recovered".into(), json!(m.recovery.len()));
-        top.insert("mass_crash_p50_ms".into(), json!(ms(p, |p| p.p50_ms)));
-        top.insert("mass_crash_p90_ms".into(), json!(ms(p, |p| p.p90_ms)));
-        top.insert("mass_crash_p99_ms".into(), json!(ms(p, |p| p.p99_ms)));
-        top.insert("mass_crash_max_ms".into(), json!(ms(p, |p| p.max_ms)));
         for (name, v) in [
             ("event_latency", &m.event_latency),
             ("destroyed", &m.destroyed_total),
@@ -1920,76 +1953,11 @@ impl Report {
             ("destroy_each", &m.destroy),
             ("inject_each", &m.inject),
         ] {
-            let p = Percentiles::of(v);
-            top.insert(
-                format!("mass_crash_{name}_p50_ms"),
-                json!(ms(p, |p| p.p50_ms)),
-            );
-            top.insert(
-                format!("mass_crash_{name}_p99_ms"),
-                json!(ms(p, |p| p.p99_ms)),
-            );
+            percentiles(format!("mass_crash_{name}"), v, false);
         }
-        top.insert(
-            "mass_crash_agent_us_per_syn".into(),
-            json!(m.service_us().map(round3)),
-        );
-        top.insert("mass_crash_issue_ms".into(), json!(m.issue_ms.map(round3)));
-        top.insert("mass_crash_stale_syn".into(), json!(m.stale_syn));
-        top.insert("mass_crash_held".into(), json!(m.held));
-        top.insert("mass_crash_destroyed".into(), json!(m.destroyed));
-        top.insert("mass_crash_replayed".into(), json!(m.replayed));
-        top.insert("mass_crash_refused".into(), json!(m.would_destroy));
-        top.insert("mass_crash_server_aborted".into(), json!(m.server_aborted));
-        top.insert(
-            "mass_crash_server_accepted".into(),
-            json!(m.server_accepted),
-        );
-        top.insert("ringbuf_full".into(), json!(self.ringbuf_full()));
-        top.insert("agent_rss_mib".into(), json!(round3(self.agent_rss_mib())));
-        top.insert(
-            "agent_rss_idle_mib".into(),
-            json!(round3(self.idle.rss_max_mib)),
-        );
-        top.insert(
-            "agent_cpu_idle_pct".into(),
-            json!(round3(self.idle.cpu_pct)),
-        );
-        top.insert(
-            "agent_rss_mass_crash_mib".into(),
-            json!(round3(m.usage.rss_max_mib)),
-        );
-        top.insert(
-            "agent_cpu_mass_crash_pct".into(),
-            json!(round3(m.usage.cpu_pct)),
-        );
-        let fl = &self.flood;
-        top.insert(
-            "agent_rss_flood_mib".into(),
-            json!(round3(fl.during.rss_max_mib)),
-        );
-        top.insert(
-            "agent_cpu_flood_pct".into(),
-            json!(round3(fl.during.cpu_pct)),
-        );
-        top.insert(
-            "agent_cpu_flood_before_pct".into(),
-            json!(round3(fl.before.cpu_pct)),
-        );
-        top.insert(
-            "agent_cpu_flood_after_pct".into(),
-            json!(round3(fl.after.cpu_pct)),
-        );
-        top.insert("flood_rate".into(), json!(fl.rate));
-        top.insert("flood_sent".into(), json!(fl.sent));
-        top.insert("flood_secs".into(), json!(round3(fl.actual_secs)));
-        top.insert("flood_secs_planned".into(), json!(fl.secs));
-        top.insert("flood_stale_syn_logged".into(), json!(fl.stale_syn_logged));
-        top.insert("flood_classifier_stale".into(), json!(fl.classifier_stale));
-        top.insert("flood_ringbuf_full".into(), json!(fl.ringbuf_full));
-        top.insert("flood_refused".into(), json!(fl.would_destroy));
-        top.insert("flood_destroyed".into(), json!(fl.destroyed));
-        top.insert("flood_live_closed".into(), json!(fl.live_closed));
+        for (key, c) in [("detect_1", &self.one), ("detect_n", &self.many)] {
+            top.insert(format!("{key}_failures"), json!(c.failures.len()));
+        }
         let targets: Map<String, Value> = self
             .targets()
             .into_iter()
@@ -2001,7 +1969,6 @@ impl Report {
             })
             .collect();
         top.insert("targets".into(), Value::Object(targets));
-        top.insert("total_s".into(), json!(round3(self.total_secs)));
         Value::Object(top)
     }
 }
