@@ -80,6 +80,8 @@ pub struct Agent {
     command: String,
     journal: PathBuf,
     control_socket: PathBuf,
+    /// Where the journal and control socket live unless the test chose.
+    state: StateDir,
 }
 
 /// A fresh directory for one agent's journal and control socket, unless the test passes its
@@ -88,6 +90,19 @@ fn agent_state_dir(net: &TestNet) -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     std::env::temp_dir().join(format!("watchdog-agent-{}-{n}", net.server_ns()))
+}
+
+/// An agent's state directory, removed with the last of the [`Agent`] or the [`AgentExit`]
+/// that holds it (the journal is still read after the agent stopped).
+#[derive(Debug, Default)]
+struct StateDir(Option<PathBuf>);
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// The value following `flag` in `args`.
@@ -102,6 +117,7 @@ fn flag_value(args: &[&str], flag: &str) -> Option<PathBuf> {
 pub struct AgentExit {
     pub status: ExitStatus,
     pub lines: Vec<AgentLine>,
+    _state: StateDir,
 }
 
 impl AgentExit {
@@ -264,6 +280,7 @@ impl Agent {
             command,
             journal,
             control_socket,
+            state: StateDir(Some(state)),
         };
         match agent.wait_for_event("attached", ATTACH_TIMEOUT) {
             Ok(_) => Ok(agent),
@@ -420,6 +437,7 @@ impl Agent {
         Ok(AgentExit {
             status,
             lines: self.lines(),
+            _state: std::mem::take(&mut self.state),
         })
     }
 
@@ -452,6 +470,7 @@ impl Agent {
         Ok(AgentExit {
             status,
             lines: self.lines(),
+            _state: std::mem::take(&mut self.state),
         })
     }
 

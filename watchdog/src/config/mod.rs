@@ -359,6 +359,8 @@ mod tests {
         };
         let result = RunConfig::load(&args);
         std::fs::remove_file(&path)?;
+        // Shared by the tests running in parallel: the last one out removes it.
+        let _ = std::fs::remove_dir(&dir);
         result
     }
 
