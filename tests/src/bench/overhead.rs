@@ -1397,7 +1397,13 @@ impl Report {
             references: Vec::new(),
             legend: SeriesLabelPosition::UpperLeft,
         };
-        let text = chart::render(&path, "watchdog data-path overhead", &[ratios, latency])?;
+        // The latency panel only when the single connection's workload ran.
+        let panels = if self.without.rr1_latencies_ns.is_empty() {
+            vec![ratios]
+        } else {
+            vec![ratios, latency]
+        };
+        let text = chart::render(&path, "watchdog data-path overhead", &panels)?;
         Ok(format!(
             "chart: {}{}",
             path.display(),
