@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod bench;
 pub mod dumb_client;
+pub mod foreign;
 pub mod hooks;
 pub mod legacy_server;
 pub mod netns;
@@ -23,6 +24,7 @@ pub mod wait;
 
 pub use agent::{Agent, AgentExit, AgentLine, num_field, str_field};
 pub use dumb_client::{Connection, DumbClient, ReconnectOutcome, connect_healthy};
+pub use foreign::ForeignProgram;
 pub use hooks::{
     assert_nothing_attached, assert_only_program_attached, clsact_ingress_programs, clsact_present,
     ingress_programs, kernel_has_tcx, tcx_ingress_programs,

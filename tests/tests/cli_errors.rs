@@ -12,7 +12,7 @@ use serde_json::Value;
 use watchdog_tests::refusal::{assert_refused, run_refused};
 use watchdog_tests::{
     Agent, TestNet, assert_nothing_attached, assert_only_program_attached, ingress_programs,
-    kernel_has_tcx, require_root,
+    require_root,
 };
 
 /// The control: the check sees the agent's program while it runs, and nothing after SIGTERM.
@@ -42,8 +42,9 @@ fn a_running_agent_is_seen_attached_and_detaches_on_sigterm() -> Result<()> {
 }
 
 /// A second agent on an interface that one already watches is refused, and the first keeps it:
-/// two agents would both hold and replay every stale SYN. With TCX the running agent's program
-/// is found by name; before TCX, its clsact filter, by its fresh heartbeat.
+/// two agents would both hold and replay every stale SYN. The running agent holds the
+/// interface's lock; with `CAP_SYS_ADMIN` its program (TCX) or its filter's fresh heartbeat
+/// (clsact) tells as well.
 #[test]
 fn a_second_agent_on_the_same_interface_is_refused() -> Result<()> {
     if !require_root() {
@@ -93,13 +94,11 @@ fn a_second_agent_on_the_same_interface_is_refused() -> Result<()> {
         ],
     )?;
     let _ = std::fs::remove_dir_all(&state);
-    if kernel_has_tcx() {
-        // Listing the TCX programs needs their ids opened: refused, naming the interface.
-        assert_refused(&refusal, &[net.server_iface()])?;
-    } else {
-        // The running agent holds the interface's lock.
-        assert_refused(&refusal, &["another watchdog agent", net.server_iface()])?;
-    }
+    // The running agent holds the interface's lock, with TCX and before it.
+    assert_refused(
+        &refusal,
+        &["another watchdog agent", net.server_iface(), "holds"],
+    )?;
     assert_only_program_attached(&net, program)?;
     let exit = first.stop()?;
     ensure!(

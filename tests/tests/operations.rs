@@ -30,8 +30,8 @@ use prometheus_parse::{Sample, Scrape, Value as Metric};
 use serde_json::Value;
 use watchdog_tests::{
     Accepted, Agent, AgentExit, Bind, CloseHow, Connection, DumbClient, ECONNABORTED, Family,
-    GREETING, LegacyServer, TestNet, assert_nothing_attached, connect_healthy, establish_and_crash,
-    num_field, require_root, run_in_ns, scenario, str_field,
+    ForeignProgram, GREETING, LegacyServer, TestNet, assert_nothing_attached, connect_healthy,
+    establish_and_crash, ingress_programs, num_field, require_root, run_in_ns, scenario, str_field,
 };
 
 const WATCHED: u16 = scenario::SERVER_PORT;
@@ -1203,6 +1203,36 @@ fn agent_runs_with_the_units_capability_set() -> Result<()> {
     let net = TestNet::new("opscaps")?;
     let scratch = Scratch::new("caps")?;
     runs_with(&net, &scratch, "unit", &caps)
+}
+
+/// Another tool's program on the interface (a TCX program, or a clsact filter before TCX) that
+/// ends classification, as Cilium's do, neither stops an agent with only the unit's
+/// capabilities, which cannot open other programs to read their names, nor keeps SYNs from it
+/// (the classifier goes first), nor is disturbed by it: the client gets back in, and the other
+/// program is still attached, alone, once the agent has come and gone.
+#[test]
+fn another_tools_program_on_the_interface_is_left_alone() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let caps = unit_capabilities()?;
+    let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
+    let net = TestNet::new("opsforeign")?;
+    let scratch = Scratch::new("foreign")?;
+    let foreign = ForeignProgram::attach(&net)?;
+    runs_with(&net, &scratch, "foreign", &caps)?;
+    ensure!(
+        foreign.is_attached(&net)?,
+        "the other tool's program is gone from {} after the agent",
+        net.server_iface()
+    );
+    let left = ingress_programs(&net)?;
+    ensure!(
+        left == foreign.program_id().into_iter().collect::<Vec<_>>(),
+        "expected only the other tool's program on {} ingress, found {left:?}",
+        net.server_iface()
+    );
+    Ok(())
 }
 
 /// Each of CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN is needed: without it the agent stops before

@@ -11,7 +11,10 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, Xdp},
+    programs::{
+        CgroupAttachMode, LinkOrder, SchedClassifier, SockOps, TcAttachType, Xdp,
+        tc::{NlOptions, TcAttachOptions},
+    },
     util::KernelVersion,
 };
 use ipnet::IpNet;
@@ -20,6 +23,7 @@ use watchdog_common::{Counter, PortTimers, ReplayKey, TupleKey, names};
 use crate::{
     clsact,
     config::{Interface, Mode, RunConfig, TimerConfig},
+    interface_lock::{self, InterfaceLock},
 };
 
 /// The classifier's name as the kernel keeps it (`BPF_OBJ_NAME_LEN` is 16 with the NUL).
@@ -41,8 +45,8 @@ pub struct Classifier {
     pub lifecycle_unavailable: Option<String>,
     /// Declared after `ebpf`, so it drops after the filters are gone.
     _added_clsact: AddedClsact,
-    /// Pre-TCX only: this agent's claim on each interface, released last.
-    _locks: Vec<clsact::InterfaceLock>,
+    /// This agent's claim on each interface, released last.
+    _locks: Vec<InterfaceLock>,
 }
 
 /// The interfaces whose clsact qdisc this agent added; removed again on drop when nothing else
@@ -116,17 +120,25 @@ impl Classifier {
         let mut added_clsact = AddedClsact::default();
         let mut locks = Vec::new();
         for iface in &config.ifaces {
-            if tcx {
+            locks.push(interface_lock::claim(iface)?);
+            // First on the hook: a program or filter ahead that ends classification (as
+            // Cilium's do) would keep stale SYNs from the classifier, which itself passes
+            // everything on but the SYNs it holds.
+            let order = if tcx {
                 refuse_second_agent(iface)?;
+                TcAttachOptions::TcxOrder(LinkOrder::first())
             } else {
-                let (added, lock) = clsact::prepare(iface)?;
-                if added {
+                let prepared = clsact::prepare(iface)?;
+                if prepared.added_qdisc {
                     added_clsact.0.push(iface.clone());
                 }
-                locks.push(lock);
-            }
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: prepared.priority,
+                    ..NlOptions::default()
+                })
+            };
             program
-                .attach(&iface.name, TcAttachType::Ingress)
+                .attach_with_options(&iface.name, TcAttachType::Ingress, order)
                 .with_context(|| format!("attaching the classifier to {} ingress", iface.name))?;
         }
         let heartbeat = Array::try_from(
@@ -317,10 +329,19 @@ fn own_netns_cookie() -> Result<u64> {
 /// `SO_NETNS_COOKIE` from `asm-generic/socket.h`.
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
-/// Two agents on one interface would both hold and replay every stale SYN.
+/// Two agents on one interface would both hold and replay every stale SYN. Besides the
+/// interface lock, a watchdog classifier among the interface's TCX programs tells (an agent in
+/// another mount namespace, say). Naming those programs opens them by id, which needs
+/// `CAP_SYS_ADMIN`: without it the lock alone decides, and another tool's TCX programs (Cilium,
+/// say) never stop the start.
 fn refuse_second_agent(iface: &Interface) -> Result<()> {
-    let (_, attached) = SchedClassifier::query_tcx(&iface.name, TcAttachType::Ingress)
-        .with_context(|| format!("listing TCX programs on {}", iface.name))?;
+    let attached = match SchedClassifier::query_tcx(&iface.name, TcAttachType::Ingress) {
+        Ok((_, attached)) => attached,
+        Err(error) if permission_denied(&error) => return Ok(()),
+        Err(error) => {
+            return Err(error).with_context(|| format!("listing TCX programs on {}", iface.name));
+        }
+    };
     if let Some(other) = attached
         .iter()
         .find(|p| p.name_as_str() == Some(KERNEL_PROGRAM_NAME))
@@ -332,6 +353,14 @@ fn refuse_second_agent(iface: &Interface) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether `error` comes down to `EPERM` (a missing capability).
+fn permission_denied(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source()).any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EPERM))
+    })
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {

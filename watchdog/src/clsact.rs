@@ -11,25 +11,16 @@
 //!   everything, and it is removed before this agent attaches.
 //!
 //! Reading another program's maps by id needs `CAP_SYS_ADMIN`, which the systemd unit does not
-//! grant. So an agent also holds a lock for each interface it watches this way
-//! (`/run/watchdog/clsact-<netns>-<ifindex>.lock`, `flock`): the kernel drops it when the process
-//! dies, whatever killed it, so a lock held elsewhere is a running (perhaps frozen) agent and the
-//! start is refused without reading anything. An unreadable heartbeat with the lock free is
-//! taken for a dead agent's (an agent in another mount namespace, with another `/run`, is the
-//! case neither check sees).
+//! grant; a running agent is then told by its [`crate::interface_lock`], taken before this
+//! module runs. An unreadable heartbeat with the lock free is taken for a dead agent's (an agent
+//! in another mount namespace, with another `/run`, is the case neither check sees).
 //!
 //! At exit aya removes this agent's filter; the `clsact` qdisc goes too when this agent added it
 //! and nothing else hangs on it, so a clean run leaves the interface as it found it.
 //!
 //! aya lists TCX programs but not netlink filters, so this module asks rtnetlink itself
 //! (`netlink-packet-route` messages over [`Channel`]): a filter dump and a qdisc delete.
-use std::{
-    fs::{File, OpenOptions},
-    io,
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{io, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -61,23 +52,51 @@ const CLSACT_HANDLE: TcHandle = TcHandle {
     minor: 0,
 };
 
-/// A BPF filter found on a clsact hook.
+/// A filter found on a clsact hook (a dump also lists each priority's chain head: kind only).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BpfFilter {
+pub struct Filter {
+    /// `TCA_KIND`: `bpf`, `matchall`, `u32` …
+    pub kind: String,
+    /// Lower runs first.
+    pub priority: u16,
+    /// A BPF filter's program.
+    pub bpf: Option<BpfProgram>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BpfProgram {
     /// `TCA_BPF_NAME`: aya names a filter after its program's function.
     pub name: String,
     /// `TCA_BPF_ID`: the program's id.
-    pub program_id: u32,
+    pub id: u32,
 }
 
-/// Where the per-interface locks live.
-const LOCK_DIR: &str = "/run/watchdog";
+impl Filter {
+    fn is_ours(&self) -> bool {
+        self.bpf
+            .as_ref()
+            .is_some_and(|b| b.name == names::CLASSIFIER)
+    }
+}
 
-/// This agent's claim on an interface it watches through clsact; released when the agent exits
-/// or dies. `None` inside when the lock could not be made (a read-only `/run`, say): then only
-/// the heartbeat tells.
-pub struct InterfaceLock {
-    _file: Option<File>,
+/// The priorities of the filters that are not the watchdog's (a priority's chain head goes
+/// with the filters at that priority).
+fn foreign_priorities(filters: &[Filter]) -> impl Iterator<Item = u16> + '_ {
+    filters
+        .iter()
+        .map(|f| f.priority)
+        .filter(|&p| !filters.iter().any(|f| f.priority == p && f.is_ours()))
+}
+
+/// What [`prepare`] found.
+pub struct Prepared {
+    /// This call added the clsact qdisc (see [`remove_if_unused`]).
+    pub added_qdisc: bool,
+    /// The priority to attach the classifier with: ahead of every other filter, so that none
+    /// that ends classification (`action ok`, a program returning `TC_ACT_OK`) keeps SYNs from
+    /// it. 0 (the kernel's choice) when the hook is empty, or when a filter already sits at the
+    /// first priority.
+    pub priority: u16,
 }
 
 /// How a watchdog filter's agent looks from here.
@@ -92,99 +111,90 @@ enum Heartbeat {
 }
 
 /// Makes sure `iface` has a clsact qdisc and that no other live agent watches it; removes the
-/// filters of dead ones. Returns whether this call added the qdisc (see [`remove_if_unused`])
-/// and the interface's lock, to keep while attached.
-pub fn prepare(iface: &Interface) -> Result<(bool, InterfaceLock)> {
-    let lock = lock(iface)?;
+/// filters of dead ones; picks the priority to attach with. Call with the interface's
+/// [`crate::interface_lock`] held.
+pub fn prepare(iface: &Interface) -> Result<Prepared> {
     let added = match tc::qdisc_add_clsact(&iface.name) {
         Ok(()) => true,
         Err(tc::TcError::AlreadyAttached) => false,
         Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
         Err(e) => return Err(e).with_context(|| format!("adding clsact to {}", iface.name)),
     };
-    let ours: Vec<BpfFilter> = filters(iface.index, CLSACT_INGRESS)
-        .with_context(|| format!("listing the clsact filters of {}", iface.name))?
-        .into_iter()
-        .filter(|f| f.name == names::CLASSIFIER)
+    let filters = filters(iface.index, CLSACT_INGRESS)
+        .with_context(|| format!("listing the clsact filters of {}", iface.name))?;
+    let prepared = Prepared {
+        added_qdisc: added,
+        priority: attach_priority(iface, &filters),
+    };
+    let ours: Vec<&BpfProgram> = filters
+        .iter()
+        .filter(|f| f.is_ours())
+        .filter_map(|f| f.bpf.as_ref())
         .collect();
     if ours.is_empty() {
-        return Ok((added, lock));
+        return Ok(prepared);
     }
     let mut why = Vec::new();
     for filter in &ours {
-        match heartbeat(filter.program_id)? {
+        match heartbeat(filter.id)? {
             Heartbeat::Age(age) if age < Duration::from_nanos(HEARTBEAT_TIMEOUT_NS) => bail!(
                 "another watchdog agent is attached to {} (program id {}, heartbeat {} ms ago): \
                  stop it first",
                 iface.name,
-                filter.program_id,
+                filter.id,
                 age.as_millis()
             ),
             Heartbeat::Age(age) => why.push(format!(
                 "program {}: heartbeat {} ms old",
-                filter.program_id,
+                filter.id,
                 age.as_millis()
             )),
-            Heartbeat::Cleared => why.push(format!("program {}: heartbeat cleared", filter.program_id)),
-            Heartbeat::Gone => why.push(format!("program {}: gone", filter.program_id)),
+            Heartbeat::Cleared => why.push(format!("program {}: heartbeat cleared", filter.id)),
+            Heartbeat::Gone => why.push(format!("program {}: gone", filter.id)),
             Heartbeat::Unreadable(error) => why.push(format!(
                 "program {}: heartbeat unreadable ({error}), and no agent holds the interface's lock",
-                filter.program_id
+                filter.id
             )),
         }
     }
     tracing::info!(
         event = "stale_filter_removed",
         iface = %iface.name,
-        program_ids = %ours.iter().map(|f| f.program_id.to_string()).collect::<Vec<_>>().join(","),
+        program_ids = %ours.iter().map(|f| f.id.to_string()).collect::<Vec<_>>().join(","),
         why = %why.join("; "),
         "removing the clsact filter of an agent that is gone"
     );
     tc::qdisc_detach_program(&iface.name, TcAttachType::Ingress, names::CLASSIFIER)
         .with_context(|| format!("removing a dead agent's clsact filter from {}", iface.name))?;
-    Ok((added, lock))
+    Ok(prepared)
 }
 
-/// Takes the interface's lock, or refuses the start when another process holds it.
-fn lock(iface: &Interface) -> Result<InterfaceLock> {
-    let netns = match std::fs::metadata("/proc/thread-self/ns/net") {
-        Ok(meta) => meta.ino(),
-        Err(_) => return Ok(InterfaceLock { _file: None }),
-    };
-    let path = PathBuf::from(LOCK_DIR).join(format!("clsact-{netns}-{}.lock", iface.index));
-    let file = std::fs::create_dir_all(LOCK_DIR).and_then(|()| {
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-    });
-    let Ok(file) = file else {
-        return Ok(InterfaceLock { _file: None });
-    };
-    // SAFETY: plain syscall on an fd we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let error = io::Error::last_os_error();
-        if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            bail!(
-                "another watchdog agent is attached to {} (it holds {}): stop it first",
-                iface.name,
-                path.display()
+/// One ahead of the first foreign filter (see [`Prepared::priority`]).
+fn attach_priority(iface: &Interface, filters: &[Filter]) -> u16 {
+    match foreign_priorities(filters).min() {
+        None => 0,
+        Some(first) if first > 1 => first - 1,
+        Some(first) => {
+            tracing::warn!(
+                event = "classifier_not_first",
+                iface = %iface.name,
+                priority = first,
+                "a filter at the first priority runs before the watchdog's classifier: if it \
+                 ends classification, stale SYNs never reach the watchdog"
             );
+            0
         }
-        return Ok(InterfaceLock { _file: None });
     }
-    Ok(InterfaceLock { _file: Some(file) })
 }
 
 /// Deletes the clsact qdisc of `ifindex` when only watchdog filters (or none) hang on it. Call
 /// only for a qdisc this agent added: an empty clsact someone else set up is theirs to keep.
 pub fn remove_if_unused(ifindex: u32) -> Result<()> {
     for parent in [CLSACT_INGRESS, CLSACT_EGRESS] {
-        let foreign = filters(ifindex, parent)?
-            .into_iter()
-            .any(|f| f.name != names::CLASSIFIER);
-        if foreign {
+        if foreign_priorities(&filters(ifindex, parent)?)
+            .next()
+            .is_some()
+        {
             return Ok(());
         }
     }
@@ -254,7 +264,7 @@ fn heartbeat(program_id: u32) -> Result<Heartbeat> {
 }
 
 /// The BPF filters under `parent` (a clsact hook) of `ifindex`.
-fn filters(ifindex: u32, parent: TcHandle) -> io::Result<Vec<BpfFilter>> {
+fn filters(ifindex: u32, parent: TcHandle) -> io::Result<Vec<Filter>> {
     let mut request = TcMessage::with_index(ifindex as i32);
     request.header.parent = parent;
     let mut channel = Channel::open(NETLINK_ROUTE)?;
@@ -267,7 +277,7 @@ fn filters(ifindex: u32, parent: TcHandle) -> io::Result<Vec<BpfFilter>> {
         for payload in channel.receive_all::<RouteNetlinkMessage>(seq)? {
             match payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(filter)) => {
-                    found.extend(bpf_filter(&filter));
+                    found.extend(parse_filter(&filter));
                 }
                 NetlinkPayload::Error(error) if error.code.is_some() => return Err(error.to_io()),
                 NetlinkPayload::Done(_) | NetlinkPayload::Error(_) => return Ok(found),
@@ -277,32 +287,33 @@ fn filters(ifindex: u32, parent: TcHandle) -> io::Result<Vec<BpfFilter>> {
     }
 }
 
-/// A dumped filter as a BPF filter, if it is one with a program (a dump also lists each
-/// priority's empty chain head).
-fn bpf_filter(filter: &TcMessage) -> Option<BpfFilter> {
+/// A dumped filter; `None` for a message without a kind.
+fn parse_filter(filter: &TcMessage) -> Option<Filter> {
     let mut kind = None;
     let mut options: &[TcOption] = &[];
     for attribute in &filter.attributes {
         match attribute {
-            TcAttribute::Kind(k) => kind = Some(k.as_str()),
+            TcAttribute::Kind(k) => kind = Some(k.clone()),
             TcAttribute::Options(o) => options = o,
             _ => {}
         }
     }
-    if kind != Some("bpf") {
-        return None;
-    }
-    let (mut name, mut program_id) = (None, None);
+    let (mut name, mut id) = (None, None);
     for option in options {
         match option {
             TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => name = Some(n.clone()),
-            TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => program_id = Some(*id),
+            TcOption::Bpf(TcFilterBpfOption::ProgId(i)) => id = Some(*i),
             _ => {}
         }
     }
-    Some(BpfFilter {
-        name: name.unwrap_or_default(),
-        program_id: program_id?,
+    Some(Filter {
+        kind: kind?,
+        // `tcm_info` of a filter: priority in the upper 16 bits, protocol in the lower.
+        priority: (filter.header.info >> 16) as u16,
+        bpf: id.map(|id| BpfProgram {
+            name: name.unwrap_or_default(),
+            id,
+        }),
     })
 }
 
@@ -313,9 +324,11 @@ mod tests {
     use super::*;
 
     /// A filter as the kernel dumps it, through the crate's own serializer and parser.
-    fn dumped(attributes: Vec<TcAttribute>) -> TcMessage {
+    fn dumped(priority: u16, attributes: Vec<TcAttribute>) -> TcMessage {
         let mut message = TcMessage::with_index(7);
         message.header.parent = CLSACT_INGRESS;
+        // ETH_P_ALL, in network byte order as the kernel keeps it.
+        message.header.info = (u32::from(priority) << 16) | u32::from(0x0003u16.to_be());
         message.attributes = attributes;
         let mut packet = NetlinkMessage::new(
             NetlinkHeader::default(),
@@ -334,31 +347,39 @@ mod tests {
     }
 
     #[test]
-    fn a_bpf_filter_is_read_from_its_dump_message() {
-        let filter = dumped(vec![
-            TcAttribute::Kind("bpf".into()),
-            TcAttribute::Options(vec![
-                TcOption::Bpf(TcFilterBpfOption::ProgName("stale_syn_classifier".into())),
-                TcOption::Bpf(TcFilterBpfOption::ProgId(42)),
-            ]),
-        ]);
+    fn filters_are_read_from_their_dump_messages() {
+        let ours = parse_filter(&dumped(
+            5,
+            vec![
+                TcAttribute::Kind("bpf".into()),
+                TcAttribute::Options(vec![
+                    TcOption::Bpf(TcFilterBpfOption::ProgName("stale_syn_classifier".into())),
+                    TcOption::Bpf(TcFilterBpfOption::ProgId(42)),
+                ]),
+            ],
+        ))
+        .expect("a filter");
         assert_eq!(
-            bpf_filter(&filter),
-            Some(BpfFilter {
-                name: "stale_syn_classifier".into(),
-                program_id: 42
-            })
+            ours,
+            Filter {
+                kind: "bpf".into(),
+                priority: 5,
+                bpf: Some(BpfProgram {
+                    name: "stale_syn_classifier".into(),
+                    id: 42
+                }),
+            }
         );
+        assert!(ours.is_ours());
         // A chain head: kind only.
-        assert_eq!(
-            bpf_filter(&dumped(vec![TcAttribute::Kind("bpf".into())])),
-            None
-        );
-        // Another kind of filter.
-        assert_eq!(
-            bpf_filter(&dumped(vec![TcAttribute::Kind("u32".into())])),
-            None
-        );
+        let head = parse_filter(&dumped(5, vec![TcAttribute::Kind("bpf".into())])).unwrap();
+        assert_eq!((head.priority, head.bpf.as_ref()), (5, None));
+        let matchall =
+            parse_filter(&dumped(7, vec![TcAttribute::Kind("matchall".into())])).unwrap();
+        // The chain head goes with the filter of ours at its priority; the matchall is foreign.
+        let all = [ours, head, matchall];
+        assert_eq!(foreign_priorities(&all).collect::<Vec<_>>(), [7]);
+        assert_eq!(foreign_priorities(&all[..2]).next(), None);
     }
 
     #[test]

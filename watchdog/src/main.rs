@@ -19,6 +19,7 @@ mod events;
 mod guard;
 mod inject;
 mod inspect;
+mod interface_lock;
 mod journal;
 mod logging;
 mod metrics;
