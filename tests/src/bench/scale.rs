@@ -574,17 +574,7 @@ impl<'a> Bed<'a> {
         let usage_to = Instant::now();
         let clients: HashSet<String> = sources.iter().map(ToString::to_string).collect();
         let lines = &agent.lines()[first_line..];
-        let of = |event: &str| -> Vec<&Value> {
-            lines
-                .iter()
-                .filter(|v| v.get("event").and_then(Value::as_str) == Some(event))
-                .filter(|v| {
-                    v.get("client")
-                        .and_then(Value::as_str)
-                        .is_some_and(|c| clients.contains(c))
-                })
-                .collect()
-        };
+        let of = |event: &str| -> Vec<&Value> { events_of(lines, event, &clients).collect() };
         let us = |event: &str, field: &str| -> Vec<Duration> {
             of(event)
                 .into_iter()
@@ -748,17 +738,7 @@ impl<'a> Bed<'a> {
         agent.poll()?;
         let lines = &agent.lines()[first_line..];
         let live_set: HashSet<String> = tuples.iter().map(ToString::to_string).collect();
-        let count = |event: &str| {
-            lines
-                .iter()
-                .filter(|v| v.get("event").and_then(Value::as_str) == Some(event))
-                .filter(|v| {
-                    v.get("client")
-                        .and_then(Value::as_str)
-                        .is_some_and(|c| live_set.contains(c))
-                })
-                .count()
-        };
+        let count = |event: &str| events_of(lines, event, &live_set).count();
         flood.stale_syn_logged = count("stale_syn");
         flood.would_destroy = count("would_destroy");
         flood.destroyed = count("destroyed");
@@ -1505,6 +1485,20 @@ struct Report {
     flood_counters: Value,
     perf: Vec<(String, String)>,
     total_secs: f64,
+}
+
+/// The agent's `event` lines about one of `clients`.
+fn events_of<'a, 'e, 'c>(
+    lines: &'a [Value],
+    event: &'e str,
+    clients: &'c HashSet<String>,
+) -> impl Iterator<Item = &'a Value> + use<'a, 'e, 'c> {
+    lines.iter().filter(move |v| {
+        v.get("event").and_then(Value::as_str) == Some(event)
+            && v.get("client")
+                .and_then(Value::as_str)
+                .is_some_and(|c| clients.contains(c))
+    })
 }
 
 fn ms(p: Option<Percentiles>, f: fn(&Percentiles) -> f64) -> Option<f64> {
