@@ -33,7 +33,7 @@ use crate::{
     config::{Mode, RunConfig},
     connections::{self, Connections},
     control,
-    events::{StaleSyn, monotonic_ns},
+    events::{StaleSyn, monotonic_ns, since_monotonic},
     guard::{Decision, Guards},
     inject::Injector,
     journal::{self, Journal},
@@ -327,15 +327,8 @@ impl Agent {
                 next = read_stale_syn(ring);
                 empty = next.is_none();
             }
-            let replay = syn.held_frame().and_then(|frame| {
-                self.replay(
-                    &syn,
-                    frame,
-                    verdict.socket_is_gone(),
-                    handled.len(),
-                    next.is_some(),
-                )
-            });
+            let replay = held_job(handled.len(), &syn)
+                .and_then(|job| self.replay(&syn, job, verdict.socket_is_gone(), next.is_some()));
             handled.push(Handled {
                 syn,
                 verdict,
@@ -392,7 +385,7 @@ impl Agent {
                     idle: socket.idle,
                     lookup,
                     destroy: took,
-                    since_seen: since_seen(syn),
+                    since_seen: since_monotonic(syn.raw.seen_ns),
                 }
             }
             DestroyOutcome::AlreadyGone(reason) => Verdict::AlreadyGone(reason),
@@ -412,13 +405,12 @@ impl Agent {
     /// Re-injects a held SYN, whatever happened to its stale socket: nothing is lost. When the
     /// socket may still be there, the classifier is told first to let this one SYN through.
     /// With `more_waiting` the SYN goes to the replayer thread and `None` is returned; its
-    /// outcome comes with [`Agent::collect_replays`] under `id`.
+    /// outcome comes with [`Agent::collect_replays`] under the job's id.
     fn replay(
         &mut self,
         syn: &StaleSyn,
-        frame: &[u8],
+        job: Job,
         socket_is_gone: bool,
-        id: usize,
         more_waiting: bool,
     ) -> Option<Replay> {
         if !socket_is_gone
@@ -427,12 +419,6 @@ impl Agent {
             // Re-injected unannounced, the SYN would only be held again.
             return Some(Replay::failed(error, syn.raw.seen_ns));
         }
-        let job = Job {
-            id,
-            frame: frame.to_vec(),
-            ifindex: syn.raw.ifindex,
-            seen_ns: syn.raw.seen_ns,
-        };
         let job = match self.replayer.as_mut() {
             Some(replayer) if more_waiting => replayer.submit(job).err()?,
             _ => job,
@@ -462,19 +448,21 @@ impl Agent {
             handled[id].replay = Some(replay);
         }
         for id in unanswered {
-            let syn = &handled[id].syn;
-            let Some(frame) = syn.held_frame() else {
-                continue;
-            };
-            let job = Job {
-                id,
-                frame: frame.to_vec(),
-                ifindex: syn.raw.ifindex,
-                seen_ns: syn.raw.seen_ns,
-            };
-            handled[id].replay = Some(self.inject_here(&job));
+            if let Some(job) = held_job(id, &handled[id].syn) {
+                handled[id].replay = Some(self.inject_here(&job));
+            }
         }
     }
+}
+
+/// The re-injection job of a held SYN, under `id`; `None` when the SYN was not held.
+fn held_job(id: usize, syn: &StaleSyn) -> Option<Job> {
+    Some(Job {
+        id,
+        frame: syn.held_frame()?.to_vec(),
+        ifindex: syn.raw.ifindex,
+        seen_ns: syn.raw.seen_ns,
+    })
 }
 
 /// The next stale SYN in the ring buffer; records that do not decode are reported and skipped.
@@ -503,10 +491,6 @@ impl Handled {
             report::replay(&self.syn, replay);
         }
     }
-}
-
-fn since_seen(syn: &StaleSyn) -> Duration {
-    Duration::from_nanos(monotonic_ns().saturating_sub(syn.raw.seen_ns))
 }
 
 /// What became of one stale socket.

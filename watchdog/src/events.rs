@@ -82,6 +82,11 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Time since `CLOCK_MONOTONIC` `ns` (a kernel timestamp such as `seen_ns`).
+pub fn since_monotonic(ns: u64) -> Duration {
+    Duration::from_nanos(monotonic_ns().saturating_sub(ns))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::{events::monotonic_ns, inject::Injector};
+use crate::{events::since_monotonic, inject::Injector};
 
 /// What became of one held SYN.
 pub struct Replay {
@@ -34,7 +34,7 @@ impl Replay {
         Replay {
             result: Err(error),
             took: Duration::ZERO,
-            since_seen: since(seen_ns),
+            since_seen: since_monotonic(seen_ns),
         }
     }
 }
@@ -128,11 +128,6 @@ pub fn inject(injector: &Injector, job: &Job) -> Replay {
     Replay {
         result,
         took: started.elapsed(),
-        since_seen: since(job.seen_ns),
+        since_seen: since_monotonic(job.seen_ns),
     }
-}
-
-/// Time since `CLOCK_MONOTONIC` `ns`.
-fn since(ns: u64) -> Duration {
-    Duration::from_nanos(monotonic_ns().saturating_sub(ns))
 }
